@@ -1,0 +1,74 @@
+"""Jacobian products by the "double backward" trick (fallback only).
+
+With ``g(u) = Jᵀ u`` computed by a backward pass that keeps its own graph,
+``J t = d/du ⟨g(u), t⟩`` is a second backward pass, through the first one.
+This reuses the graph of a single forward pass but costs several times a
+true forward-mode pass; it serves models with operations that have no
+forward-mode formula, and optimizers built from bare parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from curveball.curvature.engine import JacobianEngine, ModelFn, check_predictions, zeros_for_none
+
+
+class DoubleBackwardEngine(JacobianEngine):
+    """:class:`~curveball.curvature.engine.JacobianEngine` from reverse mode only."""
+
+    def __init__(self, params, tensors=None) -> None:
+        super().__init__(params, tensors)
+        self._predictions: torch.Tensor | None = None
+        self._dummy: torch.Tensor | None = None
+        self._backward: list[torch.Tensor] = []  # Jᵀ dummy, per used parameter
+        self._used: list[int] = []
+
+    def linearize(self, model_fn: ModelFn, tangents: Sequence[torch.Tensor]):
+        self._model_fn = model_fn
+        self._record_rng(before=True)
+        with torch.enable_grad():
+            y = check_predictions(model_fn())
+            self._record_rng(before=False)
+            self._predictions = y
+            self._used = []
+            self._backward = []
+            if y.requires_grad:
+                self._dummy = torch.zeros_like(y, requires_grad=True)
+                grads = torch.autograd.grad(
+                    y, self.params, self._dummy, create_graph=True, allow_unused=True
+                )
+                for i, g in enumerate(grads):
+                    if g is not None and g.requires_grad:
+                        self._used.append(i)
+                        self._backward.append(g)
+        return y, self.jvp(tangents)
+
+    def vjp(self, cotangent: torch.Tensor) -> list[torch.Tensor]:
+        assert self._predictions is not None
+        if not self._predictions.requires_grad:
+            return [torch.zeros_like(p) for p in self.params]
+        grads = torch.autograd.grad(
+            self._predictions, self.params, cotangent, retain_graph=True, allow_unused=True
+        )
+        return zeros_for_none(grads, self.params)
+
+    def jvp(self, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
+        assert self._predictions is not None
+        if not self._used:
+            return torch.zeros_like(self._predictions.detach())
+        (out,) = torch.autograd.grad(
+            self._backward,
+            self._dummy,
+            [tangents[i] for i in self._used],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        return torch.zeros_like(self._predictions.detach()) if out is None else out.detach()
+
+    def finish(self) -> None:
+        self._predictions = self._dummy = None
+        self._backward = []
+        super().finish()

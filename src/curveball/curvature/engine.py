@@ -1,0 +1,113 @@
+"""The interface shared by the Jacobian-product engines."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+
+import torch
+
+from curveball.curvature.substitution import ModuleTensors
+from curveball.randomness import RngSnapshot
+
+ModelFn = Callable[[], torch.Tensor]
+
+
+def check_predictions(out: object) -> torch.Tensor:
+    """Return ``out`` if it is a floating-point tensor, else raise a clear ``TypeError``."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"model_fn must return a torch.Tensor of predictions, got {type(out).__name__}"
+        )
+    if not out.is_floating_point():
+        raise TypeError(f"model_fn must return floating-point predictions, got dtype {out.dtype}")
+    return out
+
+
+def zeros_for_none(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]):
+    """Replace ``None`` entries (unused parameters) by zeros shaped like ``like``."""
+    return [torch.zeros_like(r) if t is None else t for t, r in zip(tensors, like, strict=True)]
+
+
+class JacobianEngine(ABC):
+    """Products with the Jacobian ``J = dy/dw`` of the predictions, at one point and batch.
+
+    One CurveBall iteration calls :meth:`linearize` once (the pass that produces
+    the predictions), then any number of :meth:`vjp` and :meth:`jvp` at that same
+    point and batch, optionally :meth:`evaluate` at other parameter values, and
+    finally :meth:`finish`.
+
+    Args:
+        params: the trainable parameters ``w``.
+        tensors: where they live inside the model (``None`` for bare parameters).
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], tensors: ModuleTensors | None) -> None:
+        self.params = list(params)
+        self.tensors = tensors
+        self._model_fn: ModelFn | None = None
+        self._rng_before: RngSnapshot | None = None
+        self._rng_after: RngSnapshot | None = None
+
+    @abstractmethod
+    def linearize(self, model_fn: ModelFn, tangents: Sequence[torch.Tensor]):
+        """Run ``model_fn`` and return ``(y, J t)``.
+
+        ``y`` are the predictions, still attached to the autograd graph so that
+        :meth:`vjp` can back-propagate through them; ``J t`` is detached.
+        """
+
+    @abstractmethod
+    def vjp(self, cotangent: torch.Tensor) -> list[torch.Tensor]:
+        """``Jᵀ u`` for ``u`` shaped like the predictions, one tensor per parameter."""
+
+    @abstractmethod
+    def jvp(self, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``J v`` at the linearization point and batch, detached."""
+
+    def _record_rng(self, before: bool) -> None:
+        devices = {p.device for p in self.params}
+        if before:
+            self._rng_before = RngSnapshot(devices)
+        else:
+            self._rng_after = RngSnapshot(devices)
+
+    def _scratch_buffers(self) -> list[torch.Tensor] | None:
+        if self.tensors is None or not self.tensors.buffer_slots:
+            return None
+        return [b.clone() for b in self.tensors.current_buffers()]
+
+    def rerun(self, params: Sequence[torch.Tensor] | None) -> torch.Tensor:
+        """Run ``model_fn`` again with the randomness of the first pass.
+
+        ``params`` (if given) replace the module's parameters; the module's
+        buffers are replaced by throw-away copies, so running statistics are not
+        touched. Requires a module.
+        """
+        assert self.tensors is not None and self._model_fn is not None
+        assert self._rng_before is not None
+        self._rng_before.restore()
+        with self.tensors.substituted(params, self._scratch_buffers()):
+            return check_predictions(self._model_fn())
+
+    @torch.no_grad()
+    def evaluate(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Predictions on the same batch with parameters ``values`` (no graph, buffers untouched)."""
+        if self.tensors is not None:
+            return self.rerun(values)
+        # Bare parameters: write the trial values in, run, and put the old ones back.
+        assert self._model_fn is not None and self._rng_before is not None
+        saved = [p.detach().clone() for p in self.params]
+        torch._foreach_copy_(self.params, list(values))
+        try:
+            self._rng_before.restore()
+            return check_predictions(self._model_fn())
+        finally:
+            torch._foreach_copy_(self.params, saved)
+
+    def finish(self) -> None:
+        """Free graphs and leave the random generators as the first pass left them."""
+        if self._rng_after is not None:
+            self._rng_after.restore()
+        self._model_fn = None
+        self._rng_before = self._rng_after = None

@@ -1,0 +1,48 @@
+"""The trust-region rule that adapts the damping λ (Levenberg-Marquardt style).
+
+Every ``T`` steps the loss is evaluated at the new parameters on the same batch
+and compared with the change that the quadratic model predicted:
+
+    r = (L(w_new) − L(w_old)) / M(z')
+
+If the model was too optimistic (``r`` below the lower threshold) the damping
+grows, ``λ ← λ / ω``; if the loss fell by more than predicted (``r`` above the
+upper threshold) it shrinks, ``λ ← λ ω``; with ``ω = factor ** T``
+(Henriques et al., ICCV 2019, section 3.3; Martens 2010).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def trust_ratio(actual_change: float, predicted_change: float) -> float | None:
+    """``actual / predicted``, or ``None`` when the model predicted no change at all."""
+    if predicted_change == 0.0:
+        return None
+    return actual_change / predicted_change
+
+
+def adjust_damping(
+    lambd: float,
+    ratio: float | None,
+    thresholds: tuple[float, float] = (0.5, 1.5),
+    omega: float = 0.999**5,
+) -> float:
+    """The new damping after a trust-ratio test.
+
+    Args:
+        lambd: the current damping λ.
+        ratio: the trust ratio ``r`` (``None``: nothing was predicted, λ is kept;
+            a non-finite ratio counts as a failed test).
+        thresholds: ``(low, high)``: λ grows below ``low`` and shrinks above ``high``.
+        omega: the factor ``ω ∈ (0, 1]``.
+    """
+    low, high = thresholds
+    if ratio is None:
+        return lambd
+    if not math.isfinite(ratio) or ratio < low:
+        return lambd / omega
+    if ratio > high:
+        return lambd * omega
+    return lambd

@@ -1,0 +1,83 @@
+"""Smoke test of ``benchmarks/step_time.py`` on a tiny model (no timing assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+METHODS = {"sgd", "adam", "curveball", "curveball-double-backward", "ideal"}
+ROW_KEYS = {
+    "model",
+    "method",
+    "median_s",
+    "peak_mem_bytes",
+    "batch_size",
+    "ratio_sgd",
+    "ratio_ideal",
+}
+
+
+def _load_script():
+    name = "_benchmark_step_time"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_time_tiny_json(tmp_path):
+    step_time = _load_script()
+    out = tmp_path / "r.json"
+    args = ["--models", "tiny", "--repeats", "2", "--warmup", "1", "--batch-size", "8"]
+    result = step_time.run([*args, "--device", "cpu", "--json", str(out)])
+
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(result))
+    assert set(data) >= {"device", "batch_size", "torch", "threads", "rows"}
+    assert data["device"] == "cpu"
+    assert data["batch_size"] == 8
+    assert isinstance(data["torch"], str)
+    assert isinstance(data["threads"], int) and data["threads"] >= 1
+
+    rows = data["rows"]
+    assert {r["method"] for r in rows} == METHODS
+    assert len(rows) == len(METHODS)
+    for r in rows:
+        assert set(r) >= ROW_KEYS
+        assert r["model"] == "tiny"
+        assert r["batch_size"] == 8
+        assert isinstance(r["median_s"], float)
+        assert math.isfinite(r["median_s"]) and r["median_s"] > 0
+        assert r["peak_mem_bytes"] is None
+        for key in ("ratio_sgd", "ratio_ideal"):
+            assert isinstance(r[key], float)
+            assert math.isfinite(r[key]) and r[key] > 0
+
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["sgd"]["ratio_sgd"] == 1.0
+    assert by_method["ideal"]["ratio_ideal"] == 1.0
+
+
+def test_ideal_step_matches_plain_autograd():
+    import torch
+
+    step_time = _load_script()
+    work = step_time.make_workload("tiny", 8, torch.device("cpu"), seed=0)
+    grads = step_time._ideal_step(work.model, work.x, work.t, seed=0)()
+
+    params = list(work.model.parameters())
+    gen = torch.Generator().manual_seed(2)
+    for p in params:  # same draws as the benchmark: tangents first, then the output vector
+        torch.randn(p.shape, generator=gen)
+    grad_out = torch.randn(8, step_time.TINY_CLASSES, generator=gen)
+    expected = torch.autograd.grad(work.model(work.x), params, grad_outputs=grad_out)
+    assert len(grads) == len(expected)
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e)
