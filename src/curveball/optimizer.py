@@ -83,7 +83,8 @@ class CurveBall(torch.optim.Optimizer):
         beta: β; ``None`` chooses it automatically at every step.
         lambd: the initial damping λ ≥ 0.
         auto_lambda: adapt λ with the trust-region rule.
-        lambda_factor: the per-step factor of the rule, in (0, 1]; ``ω = lambda_factor ** lambda_interval``.
+        lambda_factor: the per-step factor of the rule, in (0, 1];
+            ``ω = lambda_factor ** lambda_interval``.
         lambda_thresholds: ``(low, high)`` trust-ratio thresholds, ``low < high``.
         lambda_interval: T, the number of steps between trust-region tests.
         weight_decay: κ, L2 penalty ``½ κ ‖w‖²`` (per group), entering both the
@@ -265,10 +266,9 @@ class CurveBall(torch.optim.Optimizer):
         except ForwardModeUnsupported as error:
             if self.forward_mode == "forward":
                 raise
-            self._engine.finish()
+            self._engine.abort()
             if buffers_before is not None:
                 torch._foreach_copy_(self._tensors.current_buffers(), buffers_before)
-            self._engine._rng_before.restore() if self._engine._rng_before else None
             warnings.warn(
                 "CurveBall: an operation in the model has no forward-mode derivative "
                 f"({str(error).splitlines()[0]}); falling back to the slower double-backward "

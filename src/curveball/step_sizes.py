@@ -32,7 +32,15 @@ class StepSizes:
 
 
 def _pseudo_solve(a11: float, a12: float, a22: float, b1: float, b2: float, rtol: float):
-    """Minimum-norm solution of the symmetric 2×2 system, dropping tiny or negative curvature."""
+    """Minimum-norm solution of the symmetric 2×2 system, dropping tiny or negative curvature.
+
+    The system is first scaled to a unit diagonal (``z`` and ``Δz`` can differ in
+    length by many orders of magnitude near convergence), so that the threshold
+    ``rtol`` only discards genuinely collinear directions.
+    """
+    s1 = 1.0 / math.sqrt(a11) if a11 > 0.0 else 1.0
+    s2 = 1.0 / math.sqrt(a22) if a22 > 0.0 else 1.0
+    a11, a12, a22, b1, b2 = a11 * s1 * s1, a12 * s1 * s2, a22 * s2 * s2, b1 * s1, b2 * s2
     # Closed-form eigen-decomposition of [[a11, a12], [a12, a22]].
     mean = 0.5 * (a11 + a22)
     radius = math.hypot(0.5 * (a11 - a22), a12)
@@ -48,7 +56,7 @@ def _pseudo_solve(a11: float, a12: float, a22: float, b1: float, b2: float, rtol
             coefficient = (v1 * b1 + v2 * b2) / value
             x1 += coefficient * v1
             x2 += coefficient * v2
-    return x1, x2
+    return x1 * s1, x2 * s2
 
 
 def solve_step_sizes(

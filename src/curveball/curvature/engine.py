@@ -92,7 +92,7 @@ class JacobianEngine(ABC):
 
     @torch.no_grad()
     def evaluate(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Predictions on the same batch with parameters ``values`` (no graph, buffers untouched)."""
+        """Predictions on the same batch at parameters ``values`` (no graph, buffers untouched)."""
         if self.tensors is not None:
             return self.rerun(values)
         # Bare parameters: write the trial values in, run, and put the old ones back.
@@ -104,6 +104,13 @@ class JacobianEngine(ABC):
             return check_predictions(self._model_fn())
         finally:
             torch._foreach_copy_(self.params, saved)
+
+    def abort(self) -> None:
+        """Give up the current iteration: rewind the random generators to before it."""
+        rng = self._rng_before
+        self.finish()
+        if rng is not None:
+            rng.restore()
 
     def finish(self) -> None:
         """Free graphs and leave the random generators as the first pass left them."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 
 from curveball.curvature.double_backward import DoubleBackwardEngine
+from curveball.curvature.engine import JacobianEngine
 from curveball.curvature.forward_mode import ForwardModeEngine
 from curveball.curvature.substitution import ModuleTensors
 from curveball.losses import LossDerivatives
@@ -26,15 +28,21 @@ def ggn_vector_product(
     ``params`` and ``H_L`` the Hessian of ``loss_fn`` at the predictions
     (Schraudolph 2002; Henriques et al., ICCV 2019, eq. 4). With ``module``
     the product uses forward-mode AD, else the double-backward fallback.
+    The module's buffers (running statistics) are left untouched.
 
     Returns one tensor per parameter.
     """
     params = list(params)
-    if module is not None:
-        engine = ForwardModeEngine(params, ModuleTensors(module, params))
+    if module is None:
+        engine: JacobianEngine = DoubleBackwardEngine(params)
+        scratch = nullcontext()
     else:
-        engine = DoubleBackwardEngine(params)
-    y, jv = engine.linearize(model_fn, list(vector))
+        tensors = ModuleTensors(module, params)
+        engine = ForwardModeEngine(params, tensors)
+        # Run on copies of the buffers: a product must not move running statistics.
+        scratch = tensors.substituted(buffers=[b.clone() for b in tensors.current_buffers()])
+    with scratch:
+        y, jv = engine.linearize(model_fn, list(vector))
     loss = LossDerivatives(loss_fn, y)
     out = engine.vjp(loss.hvp(jv))
     engine.finish()
