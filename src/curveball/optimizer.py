@@ -245,11 +245,12 @@ class CurveBall(torch.optim.Optimizer):
         self._space = FlatSpace(params, groups)
         self._z = self._space.zeros()
         views = self._space.views(self._z)
-        for p, view in zip(params, views, strict=True):
-            old = self.state[p].get("z")
-            if old is not None:
-                view.copy_(old)
-            self.state[p]["z"] = view
+        with torch.no_grad():
+            for p, view in zip(params, views, strict=True):
+                old = self.state[p].get("z")
+                if old is not None:
+                    view.copy_(old)
+                self.state[p]["z"] = view
         self._tensors = ModuleTensors(self.model, params) if self.model is not None else None
         self._engine = self._make_engine()
         self._layout_key = key
@@ -368,6 +369,12 @@ class CurveBall(torch.optim.Optimizer):
                 else:
                     self._commit_z(rho, beta, dz)
                     self._move_parameters()
+        except BaseException:
+            # A user error or an interrupt mid-step: leave the module as it was.
+            if buffers_before is not None:
+                torch._foreach_copy_(self._tensors.current_buffers(), buffers_before)
+            self._engine.abort()
+            raise
         finally:
             self._engine.finish()
         self.steps = step

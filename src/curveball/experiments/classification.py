@@ -226,6 +226,7 @@ class RunLog:
     val_accuracy: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     diverged: bool = False
+    final_lambda: float | None = None  # CurveBall's damping after the last step
 
 
 def _sync(device: torch.device) -> None:
@@ -310,6 +311,9 @@ def train(
             log.val_accuracy += [math.nan] * missing
             log.seconds += [elapsed] * missing
             break
+    last = getattr(getattr(stepper, "optimizer", None), "last", None)
+    if last is not None and hasattr(last, "next_lambd"):
+        log.final_lambda = float(last.next_lambd)
     return log
 
 
@@ -381,12 +385,24 @@ def run_models(
             bar.set_postfix_str(f"{model_name} {optimizer}")
             logs = [train(build, dataset, optimizer, s, settings, device, bar) for s in seeds]
             add_training_runs(report, model_name, optimizer, logs, settings.epochs)
+            if optimizer == "CurveBall":
+                report.settings.setdefault("curveball_final_lambda", {})[model_name] = [
+                    lg.final_lambda for lg in logs
+                ]
     bar.close()
     report.curve_label = f"training loss (mini-batch, running mean of {SMOOTHING})"
+    report.notes.append(
+        "settings.curveball_final_lambda: CurveBall's damping after the last step (it starts "
+        "at 1; the trust-region rule changes it by at most a factor 0.999 per step)."
+    )
 
 
 def _describe(
-    report: Report, dataset: Dataset, settings: TrainSettings, seeds: Sequence[int]
+    report: Report,
+    dataset: Dataset,
+    settings: TrainSettings,
+    seeds: Sequence[int],
+    per_epoch: bool = True,
 ) -> None:
     report.settings.update(
         {
@@ -403,14 +419,19 @@ def _describe(
     )
     if dataset.note:
         report.notes.append(dataset.note)
-    report.notes += [
-        dataset.describe() + f"; batch {settings.batch_size}, {settings.epochs} epoch(s).",
-        "train loss @e: cross-entropy over the whole training split after epoch e (model in "
-        "evaluation mode); val acc @e: validation accuracy; seconds @e: training time "
-        "(evaluation excluded). Values are medians (min-max) over seeds.",
+    report.notes.append(
+        dataset.describe() + f"; batch {settings.batch_size}, {settings.epochs} epoch(s)."
+    )
+    if per_epoch:
+        report.notes.append(
+            "train loss @e: cross-entropy over the whole training split after epoch e (model "
+            "in evaluation mode); val acc @e: validation accuracy; seconds @e: training time "
+            "(evaluation excluded). Values are medians (min-max) over seeds."
+        )
+    report.notes.append(
         "Same initial weights and the same mini-batch order for every optimizer (per seed). "
-        "No optimizer is tuned.",
-    ]
+        "No optimizer is tuned."
+    )
 
 
 def _pad_to_32(x: Tensor) -> Tensor:
@@ -444,9 +465,10 @@ def run_mnist(
         raise FileNotFoundError(f"no MNIST IDX files in {data_dir} or {data_dir}/mnist")
     dataset = load_mnist_dataset(folder)
     print(dataset.note)
-    if quick:
-        dataset = dataset.subset(512, 256)
     settings = TrainSettings(epochs=epochs or (1 if quick else 5))
+    if quick:
+        dataset = dataset.subset(256, 128)
+        settings.batch_size = 64
     report = Report("mnist", out_dir, device=str(device))
     _describe(report, dataset, settings, seeds)
     report.notes.append(
@@ -489,6 +511,11 @@ def run_cifar10(
         "basic cnn + bn": lambda: models.basic_cnn(batch_norm=True),
         "resnet-18": lambda: models.resnet18(),
     }
+    if quick:
+        nets["resnet-18"] = lambda: models.ResNet((2, 2, 2, 2), (8, 16, 32, 64))
+        report.notes.append(
+            "Quick mode: ResNet-18 with its depth but 1/8 of the widths (8-16-32-64 channels)."
+        )
     run_models(report, dataset, nets, seeds, settings, device)
     for name in nets:
         compare_epochs(report, name, settings.epochs)
@@ -515,8 +542,8 @@ def run_imagenet(
     dataset = load_imagenet_dataset(folder, size, classes, 16 if quick else None)
     settings = TrainSettings(epochs=epochs or (1 if quick else 10))
     if quick:
-        dataset = dataset.subset(64, 32)
-        settings.batch_size = 32
+        dataset = dataset.subset(32, 16)
+        settings.batch_size = 16
     report = Report("imagenet", out_dir, device=str(device))
     _describe(report, dataset, settings, seeds)
     report.settings.update({"image_size": size, "classes": dataset.num_classes})
@@ -544,12 +571,13 @@ def run_random_archs(
         print(dataset.note)
     else:
         dataset = synthetic_dataset()
-    if quick:
-        dataset = dataset.subset(256, 128)
     settings = TrainSettings(epochs=epochs or 1)
+    if quick:
+        dataset = dataset.subset(128, 64)
+        settings.batch_size = 64
     in_shape = tuple(dataset.x_train.shape[1:])
     report = Report("random-archs", out_dir, device=str(device))
-    _describe(report, dataset, settings, range(count))
+    _describe(report, dataset, settings, range(count), per_epoch=False)
     report.settings["architectures"] = []
     final: dict[str, list[float]] = {o: [] for o in settings.optimizers}
     per_epoch = math.ceil(len(dataset.x_train) / settings.batch_size)

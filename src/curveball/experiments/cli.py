@@ -78,7 +78,7 @@ def _data_present(name: str, data_dir: str | None) -> str | None:
     finders: dict[str, tuple[Callable[[str | None], Path | None], str]] = {
         "mnist": (c.find_mnist, "MNIST IDX files (t10k-/train-images-idx3-ubyte[.gz])"),
         "cifar10": (c.find_cifar10, "CIFAR-10 python batches (cifar-10-batches-py)"),
-        "imagenet": (c.find_imagenet, "an ImageNet-style folder (imagenet/train/<class>/)"),
+        "imagenet": (c.find_imagenet, "ImageNet-style folder (imagenet/train/<class>/)"),
     }
     if name not in finders:
         return None

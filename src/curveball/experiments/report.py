@@ -13,6 +13,7 @@ import math
 import platform
 import statistics
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -258,7 +259,8 @@ class Report:
 
         The line is the geometric mean over seeds (the curves span many orders of
         magnitude), the band the range from the lowest to the highest seed; a run
-        that stopped early (converged) leaves the mean from that point on.
+        that stopped early (converged) leaves the mean from that point on. The
+        wall-clock axis is the mean over seeds of the time at each iteration.
         """
         import matplotlib
 
@@ -271,28 +273,36 @@ class Report:
             for axis in ("iteration", "time"):
                 fig, ax = plt.subplots(figsize=(6.4, 4.2))
                 fig.subplots_adjust(left=0.13, right=0.97, bottom=0.12, top=0.92)
+                log_x = self.log_x
+                shown: list[Any] = []
                 for optimizer, runs in optimizers.items():
                     grid, loss, seconds = _aligned(runs, np)
                     if grid.size == 0:
                         continue
-                    with np.errstate(all="ignore"):
+                    with np.errstate(all="ignore"), warnings.catch_warnings():
+                        warnings.simplefilter("ignore", RuntimeWarning)
                         logs = np.log(np.clip(loss, 1e-300, None))
                         centre = np.exp(np.nanmean(logs, axis=0))
                         low = np.nanmin(loss, axis=0)
                         high = np.nanmax(loss, axis=0)
                         x = grid if axis == "iteration" else np.nanmean(seconds, axis=0)
-                    keep = np.isfinite(centre) & np.isfinite(x)
-                    if self.log_x and axis == "iteration":
-                        keep &= x >= 1
+                    keep = np.isfinite(centre) & np.isfinite(x) & (centre > 0)
+                    if log_x:
+                        keep &= x >= 1 if axis == "iteration" else x > 0
                     if not keep.any():
                         continue
+                    shown.append(centre[keep])
                     (line,) = ax.plot(x[keep], centre[keep], label=optimizer)
                     if loss.shape[0] > 1:
                         ax.fill_between(
                             x[keep], low[keep], high[keep], color=line.get_color(), alpha=0.2
                         )
                 ax.set_yscale("log")
-                if self.log_x and axis == "iteration":
+                if shown:
+                    # The band of a diverging seed can reach 1e100: frame the mean lines.
+                    values = np.concatenate(shown)
+                    ax.set_ylim(values.min() / 10.0, values.max() * 10.0)
+                if log_x:
                     ax.set_xscale("log")
                 ax.set_xlabel("iteration" if axis == "iteration" else "wall-clock (s)")
                 ax.set_ylabel(self.curve_label)
