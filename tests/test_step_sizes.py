@@ -1,0 +1,86 @@
+"""The 2×2 solve for ρ, β and the damping rule, against closed forms and numpy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from curveball.damping import adjust_damping, trust_ratio
+from curveball.step_sizes import solve_step_sizes
+
+finite = st.floats(-10.0, 10.0, allow_nan=False, allow_infinity=False)
+
+
+def quadratic(a11, a12, a22, b1, b2, rho, beta):
+    """M(z') for z' = ρ z − β Δz, from the 2×2 coefficients."""
+    return rho * b2 - beta * b1 + 0.5 * (rho**2 * a22 - 2 * rho * beta * a12 + beta**2 * a11)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(finite, min_size=6, max_size=6), st.floats(1e-3, 10.0))
+def test_automatic_step_sizes_solve_the_system(values, shift):
+    m = np.array(values[:4]).reshape(2, 2)
+    k = m @ m.T + shift * np.eye(2)  # symmetric positive definite
+    b = np.array(values[4:])
+    sizes = solve_step_sizes(k[0, 0], k[0, 1], k[1, 1], b[0], b[1])
+    beta, minus_rho = np.linalg.solve(k, b)
+    assert sizes.beta == pytest.approx(beta, rel=1e-7, abs=1e-9)
+    assert sizes.rho == pytest.approx(-minus_rho, rel=1e-7, abs=1e-9)
+    assert sizes.predicted_change == pytest.approx(
+        -0.5 * (beta * b[0] + minus_rho * b[1]), rel=1e-7, abs=1e-9
+    )
+
+
+def test_zero_z_gives_a_step_along_delta_z_only():
+    sizes = solve_step_sizes(a11=4.0, a12=0.0, a22=0.0, b1=2.0, b2=0.0)
+    assert (sizes.rho, sizes.beta) == (0.0, 0.5)
+    assert sizes.predicted_change == pytest.approx(-0.5)
+
+
+def test_collinear_z_and_delta_z_give_the_line_minimiser():
+    # Δz = 2 z: the plane is a line; every minimiser on it has the same value, and the solve
+    # returns a finite one.
+    a22, b2 = 3.0, -1.5  # zᵀAz, gᵀz
+    a12, a11, b1 = 2 * a22, 4 * a22, 2 * b2
+    sizes = solve_step_sizes(a11, a12, a22, b1, b2)
+    assert math.isfinite(sizes.rho) and math.isfinite(sizes.beta)
+    line_min = -0.5 * b2**2 / a22
+    assert quadratic(a11, a12, a22, b1, b2, sizes.rho, sizes.beta) == pytest.approx(line_min)
+    assert sizes.predicted_change == pytest.approx(line_min)
+
+
+def test_badly_scaled_system_is_solved_accurately():
+    # |Δz| ≪ |z| near convergence: a11 ~ 1e-14 a22, yet the system is well posed.
+    k = np.array([[1e-14, 3e-8], [3e-8, 1.0]])
+    b = np.array([2e-8, 0.4])
+    sizes = solve_step_sizes(k[0, 0], k[0, 1], k[1, 1], b[0], b[1])
+    beta, minus_rho = np.linalg.solve(k, b)
+    assert sizes.beta == pytest.approx(beta, rel=1e-6)
+    assert sizes.rho == pytest.approx(-minus_rho, rel=1e-6)
+
+
+def test_fixed_values_minimise_over_the_other_one():
+    a11, a12, a22, b1, b2 = 2.0, 0.5, 1.0, 1.0, -0.3
+    sizes = solve_step_sizes(a11, a12, a22, b1, b2, rho=0.9)
+    grid = np.linspace(sizes.beta - 1, sizes.beta + 1, 2001)
+    best = grid[np.argmin([quadratic(a11, a12, a22, b1, b2, 0.9, g) for g in grid])]
+    assert sizes.beta == pytest.approx(best, abs=1e-3) and sizes.rho == 0.9
+    sizes = solve_step_sizes(a11, a12, a22, b1, b2, beta=0.2)
+    grid = np.linspace(sizes.rho - 1, sizes.rho + 1, 2001)
+    best = grid[np.argmin([quadratic(a11, a12, a22, b1, b2, r, 0.2) for r in grid])]
+    assert sizes.rho == pytest.approx(best, abs=1e-3) and sizes.beta == 0.2
+
+
+def test_damping_rule_directions():
+    omega = 0.999**5
+    assert adjust_damping(1.0, 0.1, (0.5, 1.5), omega) == pytest.approx(1.0 / omega)
+    assert adjust_damping(1.0, -3.0, (0.5, 1.5), omega) == pytest.approx(1.0 / omega)
+    assert adjust_damping(1.0, 2.0, (0.5, 1.5), omega) == pytest.approx(omega)
+    assert adjust_damping(1.0, 1.0, (0.5, 1.5), omega) == 1.0
+    assert adjust_damping(1.0, math.nan, (0.5, 1.5), omega) == pytest.approx(1.0 / omega)
+    assert adjust_damping(1.0, None, (0.5, 1.5), omega) == 1.0
+    assert trust_ratio(-1.0, -2.0) == 0.5 and trust_ratio(1.0, 0.0) is None
