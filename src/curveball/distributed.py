@@ -9,6 +9,23 @@ flattened vector (as for data-parallel SGD) plus one tiny all-reduce of scalars.
 All processes then take identical decisions, so parameters, ``z`` and ``λ`` stay
 identical everywhere. A non-finite value on any process turns the averaged
 value non-finite on every process, so all of them skip that step together.
+
+Use one ``CurveBall(model)`` per process on the plain module (not on a
+``DistributedDataParallel`` wrapper, which is refused: the optimizer does its own
+averaging) and give every process its own, equally sized shard of each global
+batch; with unequal shards the average weights the samples unequally.
+``optimizer.last.loss`` is the loss averaged over the processes (the loss of the
+global batch), whereas the loss returned by ``step`` is the local one.
+
+Batch normalisation uses per-process batch statistics, as with
+``DistributedDataParallel`` without ``SyncBatchNorm``: each process normalises
+its shard with that shard's mean and variance, so the curvature and gradient are
+those of the per-shard normalised network, averaged. Parameters, ``z`` and ``λ``
+still stay identical everywhere, but the running statistics (buffers) are not
+synchronised: on every process they are updated exactly once per step, as by one
+ordinary training-mode forward pass on that process's shard, and so differ
+between processes. Broadcast or average them (e.g. from rank 0) before
+evaluating or saving the model if one set is wanted.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -300,7 +300,7 @@ class CurveBall(torch.optim.Optimizer):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
         self._prepare()
-        params, groups, space, engine_z = self._params, self._groups, self._space, self._z
+        params, groups, space, z = self._params, self._groups, self._space, self._z
         step = self.steps + 1
         lambd = self.lambd
         ws = [self.param_groups[g]["weight_decay"] for g in range(len(self.param_groups))]
@@ -309,7 +309,7 @@ class CurveBall(torch.optim.Optimizer):
         if self._tensors is not None and self._tensors.buffer_slots:
             buffers_before = [b.clone() for b in self._tensors.current_buffers()]
 
-        z_views = space.views(engine_z)
+        z_views = space.views(z)
         try:
             y, jz = self._linearize(model_fn, z_views, buffers_before)
             loss = LossDerivatives(loss_fn, y)
@@ -326,7 +326,7 @@ class CurveBall(torch.optim.Optimizer):
                     torch._foreach_add_(
                         [dz_views[i] for i in members], [params[i] for i in members], alpha=kappa
                     )
-            self._add_damping(dz, engine_z, lambd, ws)
+            self._add_damping(dz, z, lambd, ws)
 
             auto_sizes = self.momentum is None or self.beta is None
             trial = self.auto_lambda and step % self.lambda_interval == 0
@@ -351,17 +351,17 @@ class CurveBall(torch.optim.Optimizer):
             # ... and parameter-space ones (identical on all processes), per group.
             pairs = [(dz, dz)]
             if refresh:
-                pairs += [(engine_z, dz), (engine_z, engine_z)]
+                pairs += [(z, dz), (z, z)]
                 if decayed:
                     params_flat = space.flatten([p.detach() for p in params])
-                    pairs += [(params_flat, dz), (params_flat, engine_z)]
+                    pairs += [(params_flat, dz), (params_flat, z)]
             dots = space.group_dots(pairs).to(torch.float64)
             host = torch.cat([data_vec, dots.reshape(-1).to(data_vec.device)]).tolist()  # one sync
             loss.release()
 
             info = self._decide(host, step, lambd, ws, refresh, decayed)
             if info.skipped:
-                self._skip(info, buffers_before)
+                info = self._skip(info, buffers_before)
             else:
                 rho, beta = info.rho, info.beta
                 if trial:
@@ -435,7 +435,7 @@ class CurveBall(torch.optim.Optimizer):
             step, loss_value, sizes.rho, sizes.beta, lambd, lambd, sizes.predicted_change
         )
 
-    def _skip(self, info: StepInfo, buffers_before) -> None:
+    def _skip(self, info: StepInfo, buffers_before) -> StepInfo:
         """Leave parameters and z untouched, restore buffers, raise λ, warn."""
         if buffers_before is not None:
             torch._foreach_copy_(self._tensors.current_buffers(), buffers_before)
@@ -447,7 +447,7 @@ class CurveBall(torch.optim.Optimizer):
             RuntimeWarning,
             stacklevel=3,
         )
-        object.__setattr__(info, "next_lambd", self.lambd)
+        return replace(info, next_lambd=self.lambd)
 
     def _commit_z(self, rho: float, beta: float, dz) -> None:
         torch._foreach_mul_(self._z, rho)
@@ -483,9 +483,7 @@ class CurveBall(torch.optim.Optimizer):
         self.averager.mean_([trial_vec])
         trial_value = trial_vec.item()
         if not math.isfinite(trial_value):
-            info = StepInfo(**{**info.__dict__, "skipped": True, "reason": "trial loss"})
-            self._skip(info, buffers_before)
-            return info
+            return self._skip(replace(info, skipped=True, reason="trial loss"), buffers_before)
         ratio = trust_ratio(trial_value - info.loss, info.predicted_change)
         omega = self.lambda_factor**self.lambda_interval
         self.lambd = adjust_damping(self.lambd, ratio, self.lambda_thresholds, omega)
@@ -494,7 +492,7 @@ class CurveBall(torch.optim.Optimizer):
             self._last_sizes = (info.rho, info.beta)
         with torch.no_grad():
             torch._foreach_copy_(self._params, values)
-        return StepInfo(**{**info.__dict__, "trust_ratio": ratio, "next_lambd": self.lambd})
+        return replace(info, trust_ratio=ratio, next_lambd=self.lambd)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
