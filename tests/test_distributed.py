@@ -33,6 +33,9 @@ PER_RANK = 32
 STEPS = 12
 NAN_STEP = 3
 IN, OUT = 6, 3
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed/gloo"
+)
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 ATOL = {torch.float64: 1e-12, torch.float32: 1e-6}
 
@@ -76,7 +79,22 @@ def snapshot(model: nn.Module, optimizer: CurveBall) -> dict:
     }
 
 
-def train(dtype: torch.dtype, rank: int | None, nan_rank: int | None = None, batch_norm=False):
+# scenarios checked against one process: name -> (dtype, CurveBall options)
+EQUIVALENCE = {
+    "float64": (torch.float64, {}),
+    "float32": (torch.float32, {}),
+    "options": (torch.float64, {"weight_decay": 1e-2, "step_size_interval": 3}),
+    "double_backward": (torch.float64, {"forward_mode": "double-backward"}),
+}
+
+
+def train(
+    dtype: torch.dtype,
+    rank: int | None,
+    nan_rank: int | None = None,
+    batch_norm: bool = False,
+    options: dict | None = None,
+):
     """Run STEPS CurveBall steps; ``rank=None`` means one process with the whole batch.
 
     Returns one snapshot per step; in a distributed run also a flag per step telling
@@ -84,8 +102,8 @@ def train(dtype: torch.dtype, rank: int | None, nan_rank: int | None = None, bat
     batch norm, whether the running statistics were those of one forward pass.
     """
     model = make_model(dtype, batch_norm)
-    optimizer = CurveBall(model)
-    history, identical, running_ok, warned = [], [], [], []
+    optimizer = CurveBall(model, **(options or {}))
+    history, identical, running_ok = [], [], []
     for step in range(1, STEPS + 1):
         x, t = global_batch(step, dtype, nan_rank)
         if rank is not None:
@@ -99,9 +117,8 @@ def train(dtype: torch.dtype, rank: int | None, nan_rank: int | None = None, bat
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             optimizer.step(lambda x=x: model(x), lambda y, t=t: F.cross_entropy(y, t))
-        warned.append(any("skipped" in str(w.message) for w in caught))
         state = snapshot(model, optimizer)
-        state["warned"] = warned[-1]
+        state["warned"] = any("skipped" in str(w.message) for w in caught)
         history.append(state)
         if expected is not None:
             running_ok.append(all(torch.equal(state["buffers"][k], v) for k, v in expected.items()))
@@ -146,10 +163,12 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
     )
     try:
         results = {
-            "float64": train(torch.float64, rank),
-            "float32": train(torch.float32, rank),
+            name: train(dtype, rank, options=opts) for name, (dtype, opts) in EQUIVALENCE.items()
+        }
+        results |= {
             "batch_norm": train(torch.float64, rank, batch_norm=True),
             "nan": train(torch.float64, rank, nan_rank=1),
+            "batch_norm_nan": train(torch.float64, rank, nan_rank=1, batch_norm=True),
             "ddp": ddp_refusals(),
         }
         torch.save(results, f"{out_dir}/rank{rank}.pt")
@@ -167,7 +186,7 @@ def runs(tmp_path_factory):
     return [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-def _single(dtype: torch.dtype, nan_rank: int | None = None) -> list[dict]:
+def _single(dtype: torch.dtype, nan_rank: int | None = None, options=None) -> list[dict]:
     """The same training in this process, on the whole batch (no process group)."""
     assert not dist.is_initialized()
     threads = torch.get_num_threads()
@@ -175,7 +194,7 @@ def _single(dtype: torch.dtype, nan_rank: int | None = None) -> list[dict]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return train(dtype, None, nan_rank=nan_rank)["history"]
+            return train(dtype, None, nan_rank=nan_rank, options=options)["history"]
     finally:
         torch.set_num_threads(threads)
 
@@ -185,10 +204,10 @@ def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
 
 
 # --------------------------------------------------------------------------- tests
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-def test_two_processes_match_one_process_with_the_whole_batch(runs, dtype):
-    name = str(dtype).removeprefix("torch.")
-    reference = _single(dtype)
+@pytest.mark.parametrize("name", list(EQUIVALENCE))
+def test_two_processes_match_one_process_with_the_whole_batch(runs, name):
+    dtype, options = EQUIVALENCE[name]
+    reference = _single(dtype, options=options)
     for rank in range(WORLD):
         history = runs[rank][name]["history"]
         assert len(history) == STEPS
@@ -208,7 +227,7 @@ def test_two_processes_match_one_process_with_the_whole_batch(runs, dtype):
     assert reference[-1]["lambd"] != 1.0
 
 
-@pytest.mark.parametrize("scenario", ["float64", "float32", "batch_norm", "nan"])
+@pytest.mark.parametrize("scenario", [*EQUIVALENCE, "batch_norm", "nan", "batch_norm_nan"])
 def test_all_processes_hold_identical_state_after_every_step(runs, scenario):
     for rank in range(WORLD):
         assert runs[rank][scenario]["identical"] == [True] * STEPS
@@ -259,3 +278,20 @@ def test_distributed_data_parallel_wrapper_is_refused(runs):
     for rank in range(WORLD):
         for message in runs[rank]["ddp"]:
             assert ".module" in message
+
+
+def test_skipped_step_leaves_batch_norm_statistics_untouched(runs):
+    for rank in range(WORLD):
+        run = runs[rank]["batch_norm_nan"]
+        history = run["history"]
+        assert [state["skipped"] for state in history] == [
+            step == NAN_STEP for step in range(1, STEPS + 1)
+        ]
+        before, at = history[NAN_STEP - 2]["buffers"], history[NAN_STEP - 1]["buffers"]
+        for name, value in before.items():
+            assert torch.equal(value, at[name]), name
+        # every other step updated them as one forward pass on the shard would
+        assert [ok for step, ok in enumerate(run["running_ok"], 1) if step != NAN_STEP] == [
+            True
+        ] * (STEPS - 1)
+        assert history[-1]["buffers"]["1.num_batches_tracked"].item() == STEPS - 1
