@@ -242,6 +242,11 @@ class CurveBall(torch.optim.Optimizer):
         if key == self._layout_key:
             return
         self._params, self._groups = params, groups
+        # for each parameter group, the indices of its trainable parameters
+        self._members = [
+            [i for i, g in enumerate(groups) if g == index]
+            for index in range(len(self.param_groups))
+        ]
         self._space = FlatSpace(params, groups)
         self._z = self._space.zeros()
         views = self._space.views(self._z)
@@ -300,7 +305,7 @@ class CurveBall(torch.optim.Optimizer):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
         self._prepare()
-        params, groups, space, z = self._params, self._groups, self._space, self._z
+        params, space, z = self._params, self._space, self._z
         step = self.steps + 1
         lambd = self.lambd
         ws = [self.param_groups[g]["weight_decay"] for g in range(len(self.param_groups))]
@@ -319,9 +324,8 @@ class CurveBall(torch.optim.Optimizer):
             dz = space.flatten(self._engine.vjp(h_jz + j_loss))
             self.averager.mean_(dz)
             dz_views = space.views(dz)
-            for index, group in enumerate(self.param_groups):
+            for group, members in zip(self.param_groups, self._members, strict=True):
                 kappa = group["weight_decay"]
-                members = [i for i, g in enumerate(groups) if g == index]
                 if kappa > 0 and members:
                     torch._foreach_add_(
                         [dz_views[i] for i in members], [params[i] for i in members], alpha=kappa
@@ -459,8 +463,7 @@ class CurveBall(torch.optim.Optimizer):
         """w ← w + α z, per group."""
         views = self._space.views(self._z)
         with torch.no_grad():
-            for index, group in enumerate(self.param_groups):
-                members = [i for i, g in enumerate(self._groups) if g == index]
+            for group, members in zip(self.param_groups, self._members, strict=True):
                 if members and group["lr"] != 0.0:
                     torch._foreach_add_(
                         [self._params[i] for i in members],
