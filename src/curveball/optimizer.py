@@ -17,8 +17,8 @@ from curveball.curvature.forward_mode import ForwardModeEngine, ForwardModeUnsup
 from curveball.curvature.substitution import ModuleTensors
 from curveball.damping import adjust_damping, trust_ratio
 from curveball.distributed import Averager
-from curveball.flat import FlatSpace
 from curveball.losses import LossDerivatives
+from curveball.space import ParamSpace, dot
 from curveball.step_sizes import StepSizes, solve_step_sizes
 
 _MODES = ("auto", "forward", "double-backward")
@@ -199,6 +199,7 @@ class CurveBall(torch.optim.Optimizer):
         self.last: StepInfo | None = None
         self._last_sizes: tuple[float, float] | None = None  # (rho, beta) for reuse
         self._layout_key: tuple[int, ...] | None = None
+        self._zs: list[torch.Tensor] | None = None  # z, one tensor per trainable parameter
         self._fell_back = forward_mode == "double-backward" or model is None
 
     # ----------------------------------------------------------------- state
@@ -221,7 +222,7 @@ class CurveBall(torch.optim.Optimizer):
             self.steps = int(extra["steps"])
             sizes = extra.get("last_sizes")
             self._last_sizes = None if sizes is None else (float(sizes[0]), float(sizes[1]))
-        self._layout_key = None  # rebuild the flat z from the loaded tensors
+        self._layout_key = None  # rebuild the layout around the loaded z
 
     # ---------------------------------------------------------------- layout
     def _trainable(self) -> tuple[list[torch.Tensor], list[int]]:
@@ -235,30 +236,41 @@ class CurveBall(torch.optim.Optimizer):
             raise ValueError("params: no trainable parameters (none has requires_grad=True)")
         return params, groups
 
-    def _prepare(self) -> None:
-        """(Re)build the flat layout of z and the engine when the trainable set changed."""
+    def _prepare(self) -> list[torch.Tensor]:
+        """(Re)build the layout and the engine when the trainable set changed; return z."""
         params, groups = self._trainable()
         key = tuple(id(p) for p in params)
-        if key == self._layout_key:
-            return
-        self._params, self._groups = params, groups
-        # for each parameter group, the indices of its trainable parameters
-        self._members = [
-            [i for i, g in enumerate(groups) if g == index]
-            for index in range(len(self.param_groups))
-        ]
-        self._space = FlatSpace(params, groups)
-        self._z = self._space.zeros()
-        views = self._space.views(self._z)
-        with torch.no_grad():
-            for p, view in zip(params, views, strict=True):
-                old = self.state[p].get("z")
-                if old is not None:
-                    view.copy_(old)
-                self.state[p]["z"] = view
-        self._tensors = ModuleTensors(self.model, params) if self.model is not None else None
-        self._engine = self._make_engine()
-        self._layout_key = key
+        if key != self._layout_key:
+            self._params, self._groups = params, groups
+            # for each parameter group, the indices of its trainable parameters
+            self._members = [
+                [i for i, g in enumerate(groups) if g == index]
+                for index in range(len(self.param_groups))
+            ]
+            self._space = ParamSpace(params, groups, len(self.param_groups))
+            self._tensors = ModuleTensors(self.model, params) if self.model is not None else None
+            self._engine = self._make_engine()
+            self._layout_key = key
+            self._zs = None
+        if self._zs is None:
+            self._zs = [self._z_for(p) for p in params]
+        return self._zs
+
+    def _z_for(self, p: torch.Tensor) -> torch.Tensor:
+        """The z of ``p``, created at zero or re-laid out like ``p`` (a tangent must be)."""
+        state = self.state[p]
+        z = state.get("z")
+        if z is None:
+            z = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif not isinstance(z, torch.Tensor) or z.shape != p.shape:
+            got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(
+                f"state_dict: z of a parameter of shape {tuple(p.shape)} has shape {got}"
+            )
+        elif z.stride() != p.stride() or z.dtype != p.dtype or z.device != p.device:
+            z = torch.empty_like(p, memory_format=torch.preserve_format).copy_(z)
+        state["z"] = z
+        return z
 
     def _make_engine(self) -> JacobianEngine:
         if self._fell_back or self._tensors is None:
@@ -266,9 +278,9 @@ class CurveBall(torch.optim.Optimizer):
         return ForwardModeEngine(self._params, self._tensors)
 
     # ------------------------------------------------------------------ step
-    def _linearize(self, model_fn, z_views, buffers_before):
+    def _linearize(self, model_fn, zs, buffers_before):
         try:
-            return self._engine.linearize(model_fn, z_views)
+            return self._engine.linearize(model_fn, zs)
         except ForwardModeUnsupported as error:
             if self.forward_mode == "forward":
                 raise
@@ -284,7 +296,7 @@ class CurveBall(torch.optim.Optimizer):
             )
             self._fell_back = True
             self._engine = self._make_engine()
-            return self._engine.linearize(model_fn, z_views)
+            return self._engine.linearize(model_fn, zs)
 
     def step(  # type: ignore[override]
         self,
@@ -304,8 +316,8 @@ class CurveBall(torch.optim.Optimizer):
             raise TypeError(f"model_fn: expected a callable, got {type(model_fn).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
-        self._prepare()
-        params, space, z = self._params, self._space, self._z
+        zs = self._prepare()
+        params, space = self._params, self._space
         step = self.steps + 1
         lambd = self.lambd
         ws = [self.param_groups[g]["weight_decay"] for g in range(len(self.param_groups))]
@@ -314,23 +326,26 @@ class CurveBall(torch.optim.Optimizer):
         if self._tensors is not None and self._tensors.buffer_slots:
             buffers_before = [b.clone() for b in self._tensors.current_buffers()]
 
-        z_views = space.views(z)
         try:
-            y, jz = self._linearize(model_fn, z_views, buffers_before)
+            y, jz = self._linearize(model_fn, zs, buffers_before)
             loss = LossDerivatives(loss_fn, y)
             j_loss = loss.grad.detach()
             h_jz = loss.hvp(jz)
             # Δz = Jᵀ(H_L J z + J_L) + κ w + (λ + κ) z
-            dz = space.flatten(self._engine.vjp(h_jz + j_loss))
-            self.averager.mean_(dz)
-            dz_views = space.views(dz)
+            dz = self._engine.vjp(h_jz + j_loss)
+            space.mean_(dz, self.averager)
             for group, members in zip(self.param_groups, self._members, strict=True):
-                kappa = group["weight_decay"]
-                if kappa > 0 and members:
+                factor = lambd + group["weight_decay"]
+                if members and group["weight_decay"] > 0:
                     torch._foreach_add_(
-                        [dz_views[i] for i in members], [params[i] for i in members], alpha=kappa
+                        [dz[i] for i in members],
+                        [params[i].detach() for i in members],
+                        alpha=group["weight_decay"],
                     )
-            self._add_damping(dz, z, lambd, ws)
+                if members and factor != 0.0:
+                    torch._foreach_add_(
+                        [dz[i] for i in members], [zs[i] for i in members], alpha=factor
+                    )
 
             auto_sizes = self.momentum is None or self.beta is None
             trial = self.auto_lambda and step % self.lambda_interval == 0
@@ -341,25 +356,25 @@ class CurveBall(torch.optim.Optimizer):
             # Data-dependent scalars (averaged over processes) ...
             data = [loss.loss.to(torch.float64), _finite_flag(y)]
             if refresh:
-                jdz = self._engine.jvp(dz_views)
+                jdz = self._engine.jvp(dz)
                 h_jdz = loss.hvp(jdz)
                 data += [
-                    _dot(jdz, h_jdz),  # (JΔz)ᵀ H_L (JΔz)
-                    _dot(jz, h_jdz),  # (Jz)ᵀ H_L (JΔz)
-                    _dot(jz, h_jz),  # (Jz)ᵀ H_L (Jz)
-                    _dot(j_loss, jdz),  # J_Lᵀ JΔz
-                    _dot(j_loss, jz),  # J_Lᵀ Jz
+                    dot(jdz, h_jdz),  # (JΔz)ᵀ H_L (JΔz)
+                    dot(jz, h_jdz),  # (Jz)ᵀ H_L (JΔz)
+                    dot(jz, h_jz),  # (Jz)ᵀ H_L (Jz)
+                    dot(j_loss, jdz),  # J_Lᵀ JΔz
+                    dot(j_loss, jz),  # J_Lᵀ Jz
                 ]
             data_vec = torch.stack([d.to(torch.float64) for d in data])
             self.averager.mean_([data_vec])
             # ... and parameter-space ones (identical on all processes), per group.
             pairs = [(dz, dz)]
             if refresh:
-                pairs += [(z, dz), (z, z)]
+                pairs += [(zs, dz), (zs, zs)]
                 if decayed:
-                    params_flat = space.flatten([p.detach() for p in params])
-                    pairs += [(params_flat, dz), (params_flat, z)]
-            dots = space.group_dots(pairs).to(torch.float64)
+                    ws_ = [p.detach() for p in params]
+                    pairs += [(ws_, dz), (ws_, zs)]
+            dots = space.group_dots(pairs)
             host = torch.cat([data_vec, dots.reshape(-1).to(data_vec.device)]).tolist()  # one sync
             loss.release()
 
@@ -386,14 +401,6 @@ class CurveBall(torch.optim.Optimizer):
         return loss.loss, y.detach()
 
     # ------------------------------------------------------------- helpers
-    def _add_damping(self, dz, z, lambd, ws) -> None:
-        """Δz += (λ + κ_g) z_g for every group g."""
-        for bucket, d, zz in zip(self._space.buckets, dz, z, strict=True):
-            for group, start, end in bucket.segments:
-                factor = lambd + ws[group]
-                if factor != 0.0:
-                    d[start:end].add_(zz[start:end], alpha=factor)
-
     def _decide(self, host, step, lambd, ws, refresh, decayed) -> StepInfo:
         """Solve the 2×2 system on the host and check every scalar is finite."""
         n = len(self.param_groups)
@@ -453,33 +460,37 @@ class CurveBall(torch.optim.Optimizer):
         )
         return replace(info, next_lambd=self.lambd)
 
-    def _commit_z(self, rho: float, beta: float, dz) -> None:
-        torch._foreach_mul_(self._z, rho)
-        torch._foreach_add_(self._z, dz, alpha=-beta)
+    def _commit_z(self, rho: float, beta: float, dz: list[torch.Tensor]) -> None:
+        """z ← ρ z − β Δz."""
+        torch._foreach_mul_(self._zs, rho)
+        torch._foreach_add_(self._zs, dz, alpha=-beta)
         if self.momentum is None or self.beta is None:
             self._last_sizes = (rho, beta)
 
     def _move_parameters(self) -> None:
         """w ← w + α z, per group."""
-        views = self._space.views(self._z)
         with torch.no_grad():
             for group, members in zip(self.param_groups, self._members, strict=True):
                 if members and group["lr"] != 0.0:
                     torch._foreach_add_(
                         [self._params[i] for i in members],
-                        [views[i] for i in members],
+                        [self._zs[i] for i in members],
                         alpha=group["lr"],
                     )
 
     def _trial_and_commit(self, info: StepInfo, loss_fn, dz, buffers_before) -> StepInfo:
         """Evaluate the loss at w + α z' on the same batch, adapt λ, then commit or skip."""
-        new_z = [info.rho * z - info.beta * d for z, d in zip(self._z, dz, strict=True)]
-        new_views = self._space.views(new_z)
-        lrs = [self.param_groups[g]["lr"] for g in self._groups]
+        new_z = torch._foreach_mul(self._zs, info.rho)
+        torch._foreach_add_(new_z, dz, alpha=-info.beta)
+        values = [p.detach() for p in self._params]
         with torch.no_grad():
-            values = [
-                p.detach() + lr * v for p, lr, v in zip(self._params, lrs, new_views, strict=True)
-            ]
+            for group, members in zip(self.param_groups, self._members, strict=True):
+                if members and group["lr"] != 0.0:
+                    moved = torch._foreach_add(
+                        [values[i] for i in members], [new_z[i] for i in members], alpha=group["lr"]
+                    )
+                    for i, v in zip(members, moved, strict=True):
+                        values[i] = v
             trial = self._engine.evaluate(values)
             trial_loss = loss_fn(trial).detach().reshape(()).to(torch.float64)
         trial_vec = trial_loss.reshape(1)
@@ -490,19 +501,14 @@ class CurveBall(torch.optim.Optimizer):
         ratio = trust_ratio(trial_value - info.loss, info.predicted_change)
         omega = self.lambda_factor**self.lambda_interval
         self.lambd = adjust_damping(self.lambd, ratio, self.lambda_thresholds, omega)
-        torch._foreach_copy_(self._z, new_z)
+        for p, z in zip(self._params, new_z, strict=True):
+            self.state[p]["z"] = z
+        self._zs = new_z
         if self.momentum is None or self.beta is None:
             self._last_sizes = (info.rho, info.beta)
         with torch.no_grad():
             torch._foreach_copy_(self._params, values)
         return replace(info, trust_ratio=ratio, next_lambd=self.lambd)
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Inner product of two same-shaped tensors, accumulated in float32 or better."""
-    if a.dtype in (torch.float16, torch.bfloat16):
-        a, b = a.float(), b.float()
-    return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
 def _finite_flag(y: torch.Tensor) -> torch.Tensor:

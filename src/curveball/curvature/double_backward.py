@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from curveball.curvature.engine import JacobianEngine, ModelFn, check_predictions, zeros_for_none
+from curveball.curvature.engine import JacobianEngine, ModelFn, check_predictions, owned_like
 
 
 class DoubleBackwardEngine(JacobianEngine):
@@ -49,11 +49,11 @@ class DoubleBackwardEngine(JacobianEngine):
     def vjp(self, cotangent: torch.Tensor) -> list[torch.Tensor]:
         assert self._predictions is not None
         if not self._predictions.requires_grad:
-            return [torch.zeros_like(p) for p in self.params]
+            return owned_like([None] * len(self.params), self.params)
         grads = torch.autograd.grad(
             self._predictions, self.params, cotangent, retain_graph=True, allow_unused=True
         )
-        return zeros_for_none(grads, self.params)
+        return owned_like(grads, self.params)
 
     def jvp(self, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
         assert self._predictions is not None

@@ -24,9 +24,26 @@ def check_predictions(out: object) -> torch.Tensor:
     return out
 
 
-def zeros_for_none(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]):
-    """Replace ``None`` entries (unused parameters) by zeros shaped like ``like``."""
-    return [torch.zeros_like(r) if t is None else t for t, r in zip(tensors, like, strict=True)]
+def owned_like(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]):
+    """Per-parameter results the caller may update in place, laid out like ``like``.
+
+    ``None`` (an unused parameter) becomes zeros. Gradients from autograd may
+    alias one another or the incoming cotangent (``y = p1 + p2`` hands both the
+    same tensor, ``y = p.sum()`` an expanded view); those are copied, and so is
+    any result whose memory layout differs from its parameter's. (Two results
+    never share a storage afterwards.)
+    """
+    out, seen = [], set()
+    for t, r in zip(tensors, like, strict=True):
+        if t is None:
+            t = torch.zeros_like(r, memory_format=torch.preserve_format)
+        else:
+            storage = t.untyped_storage().data_ptr()
+            if storage in seen or t.stride() != r.stride():
+                t = torch.empty_like(r, memory_format=torch.preserve_format).copy_(t)
+        seen.add(t.untyped_storage().data_ptr())
+        out.append(t)
+    return out
 
 
 class JacobianEngine(ABC):

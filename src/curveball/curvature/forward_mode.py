@@ -15,8 +15,9 @@ from collections.abc import Sequence
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from curveball.curvature.engine import JacobianEngine, ModelFn, check_predictions, zeros_for_none
+from curveball.curvature.engine import JacobianEngine, ModelFn, check_predictions, owned_like
 from curveball.curvature.substitution import ModuleTensors
+from curveball.curvature.tangent_rules import LeanTangents
 
 _UNSUPPORTED_MARKERS = ("forward AD", "forward-mode", "forward mode", "jvp", "fw_grad")
 # e.g. "Trying to use forward AD with X that does not support it because it has not been
@@ -44,17 +45,21 @@ class ForwardModeEngine(JacobianEngine):
     def __init__(self, params: Sequence[torch.Tensor], tensors: ModuleTensors) -> None:
         super().__init__(params, tensors)
         self._predictions: torch.Tensor | None = None
+        self._records: list | None = None  # primal layer outputs of the first pass
 
-    def _dual_pass(self, tangents: Sequence[torch.Tensor], params=None):
+    def _dual_pass(self, tangents: Sequence[torch.Tensor], first: bool):
         assert self.tensors is not None and self._model_fn is not None
-        with fwAD.dual_level():
+        with fwAD.dual_level() as level:
             duals = [fwAD.make_dual(p, t) for p, t in zip(self.params, tangents, strict=True)]
+            rules = LeanTangents(level, replay=None if first else self._records, record=first)
             try:
-                if params is None:  # the first pass: real buffers, randomness as it comes
-                    with self.tensors.substituted(duals):
+                if first:  # real buffers, randomness as it comes
+                    with self.tensors.substituted(duals), rules:
                         out = check_predictions(self._model_fn())
+                    self._records = rules.records
                 else:
-                    out = self.rerun(duals)
+                    with rules:
+                        out = self.rerun(duals)
             except (RuntimeError, NotImplementedError) as error:
                 if _is_unsupported(error):
                     raise ForwardModeUnsupported(str(error)) from error
@@ -68,7 +73,7 @@ class ForwardModeEngine(JacobianEngine):
         self._model_fn = model_fn
         self._record_rng(before=True)
         with torch.enable_grad():
-            primal, tangent = self._dual_pass(tangents)
+            primal, tangent = self._dual_pass(tangents, first=True)
         self._record_rng(before=False)
         self._predictions = primal
         return primal, tangent
@@ -76,16 +81,17 @@ class ForwardModeEngine(JacobianEngine):
     def vjp(self, cotangent: torch.Tensor) -> list[torch.Tensor]:
         assert self._predictions is not None
         if not self._predictions.requires_grad:
-            return [torch.zeros_like(p) for p in self.params]
+            return owned_like([None] * len(self.params), self.params)
         grads = torch.autograd.grad(self._predictions, self.params, cotangent, allow_unused=True)
         self._predictions = self._predictions.detach()  # the graph is gone
-        return zeros_for_none(grads, self.params)
+        return owned_like(grads, self.params)
 
     def jvp(self, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
-            _, tangent = self._dual_pass(tangents, params=True)
+            _, tangent = self._dual_pass(tangents, first=False)
         return tangent
 
     def finish(self) -> None:
         self._predictions = None
+        self._records = None
         super().finish()

@@ -1,0 +1,204 @@
+"""Lean forward-mode rules for the layers that dominate a forward pass.
+
+A CurveBall iteration runs two forward-mode passes. PyTorch's built-in
+forward-mode formulas are general; for three kinds of layers they do work that
+this use makes unnecessary, and :class:`LeanTangents` (a
+:class:`~torch.overrides.TorchFunctionMode` active only during those passes)
+does it more cheaply, with identical results:
+
+* Bilinear layers ``y = f(x, W) + b`` (``F.linear``, ``F.conv1d/2d/3d``) have
+  the tangent ``ẏ = f(ẋ, W) + f(x, Ẇ) + ḃ``. The built-in formula evaluates both
+  products even when the input carries no tangent, which is the case for every
+  layer fed by the data (the first layer of almost every network): it then
+  multiplies or convolves a tensor of zeros. Only the non-zero products are
+  evaluated here, and without recording an autograd graph for the tangent
+  (CurveBall never differentiates a tangent).
+* Max pooling has the tangent ``ẋ`` gathered at the arg-max positions.
+* Average pooling is linear: the tangent is the pooled ``ẋ``.
+
+*Replay.* The second forward-mode pass of an iteration runs at the same
+parameters, on the same batch and with the same random draws as the first, so
+every layer's primal output equals the one the first pass computed. The first
+pass records the primal outputs of the layers above (and the arg-max positions
+of max pooling); the second pass reuses them and computes only tangents: no
+primal product of a linear or convolution layer and no max-pooling search. A
+record is only reused when the call matches it (same function, shapes, options,
+weight and bias storage and version) and it was not modified in place since;
+from the first mismatch on, layers are computed as usual. Replay therefore
+changes the cost of the pass, never its result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+_BILINEAR = frozenset({F.linear, F.conv1d, F.conv2d, F.conv3d})
+_MAX_POOL = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
+_AVG_POOL = frozenset(
+    {
+        F.avg_pool1d,
+        F.avg_pool2d,
+        F.avg_pool3d,
+        F.adaptive_avg_pool1d,
+        F.adaptive_avg_pool2d,
+        F.adaptive_avg_pool3d,
+    }
+)
+_RETURN_INDICES = 6  # position of ``return_indices`` in F.max_poolNd's signature
+
+
+@dataclass
+class Record:
+    """One primal result of the recording pass."""
+
+    key: tuple[Any, ...]
+    tensors: tuple[torch.Tensor, ...]
+    versions: tuple[int, ...]
+
+    def valid(self) -> bool:
+        return all(t._version == v for t, v in zip(self.tensors, self.versions, strict=True))
+
+
+def _storage_key(t: torch.Tensor | None) -> tuple[Any, ...] | None:
+    return None if t is None else (t.data_ptr(), t._version, tuple(t.shape), t.dtype)
+
+
+def _options_key(args: tuple, kwargs: dict) -> str:
+    return repr(args) + repr(sorted(kwargs.items()))
+
+
+class LeanTangents(TorchFunctionMode):
+    """Forward-mode rules for linear, convolution and pooling layers (see the module doc).
+
+    Args:
+        level: the forward-AD level whose tangents are handled.
+        replay: the :attr:`records` of an earlier pass at the same point and batch
+            whose primal results may be reused, or ``None``.
+        record: keep this pass's primal results in :attr:`records`.
+    """
+
+    def __init__(
+        self, level: int, replay: list[Record] | None = None, record: bool = False
+    ) -> None:
+        super().__init__()
+        self.level = level
+        self.records: list[Record] = []
+        self._record = record
+        self._replay = replay
+        self._position = 0
+
+    # ---------------------------------------------------------------- replay
+    def _reuse(self, key: tuple[Any, ...]) -> tuple[torch.Tensor, ...] | None:
+        if self._replay is None:
+            return None
+        if self._position < len(self._replay):
+            rec = self._replay[self._position]
+            self._position += 1
+            if rec.key == key and rec.valid():
+                return rec.tensors
+        self._replay = None  # out of step with the recording: compute from here on
+        return None
+
+    def _keep(self, key: tuple[Any, ...], *tensors: torch.Tensor) -> None:
+        if self._record:
+            kept = tuple(t.detach() for t in tensors)
+            self.records.append(Record(key, kept, tuple(t._version for t in kept)))
+
+    def _unpack(self, t: Any) -> tuple[Any, torch.Tensor | None]:
+        if type(t) is not torch.Tensor:
+            return t, None
+        unpacked = fwAD.unpack_dual(t, level=self.level)
+        return unpacked.primal, unpacked.tangent
+
+    # ----------------------------------------------------------------- rules
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _BILINEAR:
+            out = self._bilinear(func, args, kwargs)
+        elif func in _MAX_POOL:
+            out = self._max_pool(func, args, kwargs)
+        elif func in _AVG_POOL:
+            out = self._linear_pool(func, args, kwargs)
+        else:
+            out = None
+        return func(*args, **kwargs) if out is None else out
+
+    def _bilinear(self, func, args: tuple, kwargs: dict):
+        if len(args) < 2 or "input" in kwargs or "weight" in kwargs:
+            return None  # unusual call: leave it to the built-in rule
+        x, w = args[0], args[1]
+        if len(args) > 2:
+            b, rest = args[2], args[3:]
+        else:
+            b, rest = kwargs.get("bias"), ()
+        rest_kwargs = {k: v for k, v in kwargs.items() if k != "bias"}
+        if type(x) is not torch.Tensor or type(w) is not torch.Tensor:
+            return None
+        if b is not None and type(b) is not torch.Tensor:
+            return None
+        xp, xt = self._unpack(x)
+        wp, wt = self._unpack(w)
+        bp, bt = self._unpack(b)
+        if wt is None:  # frozen weight (rare): the built-in rule is fine
+            return None
+        key = (
+            func,
+            tuple(xp.shape),
+            xp.dtype,
+            _storage_key(wp),
+            _storage_key(bp),
+            _options_key(rest, rest_kwargs),
+        )
+        reused = self._reuse(key)
+        primal = reused[0] if reused else func(xp, wp, bp, *rest, **rest_kwargs)
+        self._keep(key, primal)
+        with torch.no_grad():
+            tangent = func(xp, wt, bt, *rest, **rest_kwargs)
+            if xt is not None:
+                tangent += func(xt, wp, None, *rest, **rest_kwargs)
+        return fwAD.make_dual(primal, tangent, level=self.level)
+
+    def _max_pool(self, func, args: tuple, kwargs: dict):
+        if not args or "input" in kwargs:
+            return None
+        xp, xt = self._unpack(args[0])
+        if xt is None:
+            return None
+        options, kw = list(args[1:]), dict(kwargs)
+        if len(options) >= _RETURN_INDICES:
+            return_indices = bool(options.pop(_RETURN_INDICES - 1))
+            del options[_RETURN_INDICES - 1 :]
+        else:
+            return_indices = bool(kw.pop("return_indices", False))
+        key = (func, tuple(xp.shape), xp.dtype, _options_key(tuple(options), kw))
+        reused = self._reuse(key)
+        if reused:
+            primal, indices = reused
+        else:
+            primal, indices = func(xp, *options, return_indices=True, **kw)
+        self._keep(key, primal, indices)
+        dims = _MAX_POOL[func]
+        with torch.no_grad():
+            tangent = xt.flatten(-dims).gather(-1, indices.flatten(-dims)).view(primal.shape)
+        out = fwAD.make_dual(primal, tangent, level=self.level)
+        return (out, indices) if return_indices else out
+
+    def _linear_pool(self, func, args: tuple, kwargs: dict):
+        if not args or "input" in kwargs:
+            return None
+        xp, xt = self._unpack(args[0])
+        if xt is None:
+            return None
+        key = (func, tuple(xp.shape), xp.dtype, _options_key(args[1:], kwargs))
+        reused = self._reuse(key)
+        primal = reused[0] if reused else func(xp, *args[1:], **kwargs)
+        self._keep(key, primal)
+        with torch.no_grad():
+            tangent = func(xt, *args[1:], **kwargs)
+        return fwAD.make_dual(primal, tangent, level=self.level)

@@ -1,0 +1,86 @@
+"""Vectors of the parameter space, stored as one tensor per parameter.
+
+CurveBall keeps one extra vector per parameter (the running estimate ``z``,
+like SGD's momentum buffer) and forms a few inner products of such vectors
+every step. Each vector is kept as a list of tensors shaped and strided like
+the parameters: forward-mode AD then takes ``z`` and ``Δz`` as tangents without
+copying them (a tangent must have its parameter's memory layout), and the
+back-propagated ``Jᵀ u`` arrives in exactly that form. :class:`ParamSpace`
+forms the per-group inner products of such lists and averages them over
+processes through one flattened buffer per (device, dtype).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from curveball.distributed import Averager
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Inner product of two same-shaped tensors, accumulated in float32 or better."""
+    if a.dtype in _LOW_PRECISION:
+        a, b = a.float(), b.float()
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+class ParamSpace:
+    """The parameters' layout: their parameter groups, devices and dtypes.
+
+    Args:
+        params: the parameters, in the optimizer's order.
+        groups: for each parameter, the index of its parameter group.
+        num_groups: the number of parameter groups.
+    """
+
+    def __init__(
+        self, params: Sequence[torch.Tensor], groups: Sequence[int], num_groups: int
+    ) -> None:
+        self.num_groups = num_groups
+        self.device = params[0].device
+        self._single_device = all(p.device == self.device for p in params)
+        self._single_dtype = len({p.dtype for p in params}) == 1
+        membership = torch.zeros(len(params), num_groups, dtype=torch.float64)
+        membership[torch.arange(len(params)), torch.as_tensor(list(groups))] = 1.0
+        self._membership = membership.to(self.device)
+        buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(params):
+            buckets.setdefault((p.device, p.dtype), []).append(i)
+        self._buckets = list(buckets.values())
+
+    def zeros_like(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """A zero vector laid out like ``params``."""
+        return [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+
+    def group_dots(
+        self, pairs: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]]
+    ) -> torch.Tensor:
+        """Inner products per parameter group for several pairs of vectors.
+
+        Returns a float64 tensor of shape ``(len(pairs), num_groups)`` on the
+        first parameter's device (per-parameter products are accumulated in the
+        parameters' precision, float32 at least).
+        """
+        rows = []
+        for a, b in pairs:
+            dots = [dot(x, y) for x, y in zip(a, b, strict=True)]
+            if not (self._single_device and self._single_dtype):
+                dots = [d.to(device=self.device, dtype=torch.float64) for d in dots]
+            rows.append(torch.stack(dots))
+        return torch.stack(rows).to(torch.float64) @ self._membership
+
+    def mean_(self, vector: Sequence[torch.Tensor], averager: Averager) -> None:
+        """Average ``vector`` in place over the processes: one all-reduce per bucket."""
+        if averager.world_size == 1:
+            return
+        for indices in self._buckets:
+            parts = [vector[i] for i in indices]
+            flat = torch.cat([t.reshape(-1) for t in parts])
+            averager.mean_([flat])
+            pieces = torch.split(flat, [t.numel() for t in parts])
+            shaped = [x.view(t.shape) for x, t in zip(pieces, parts, strict=True)]
+            torch._foreach_copy_(parts, shaped)
