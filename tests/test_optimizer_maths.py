@@ -11,10 +11,23 @@ from torch import nn
 from curveball import CurveBall
 
 
-def tiny_problem(seed: int = 0):
+def tiny_problem(seed: int = 0, kind: str = "mlp"):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    x = torch.randn(10, 4, dtype=torch.float64)
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+        x = torch.randn(10, 4, dtype=torch.float64)
+    else:  # convolutions, max and average pooling, an in-place activation
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(3, 3, 3, padding=1),
+            nn.Tanh(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(3, 3),
+        ).double()
+        x = torch.randn(10, 2, 4, 4, dtype=torch.float64)
     t = torch.randint(0, 3, (10,))
     return model, x, lambda y: F.cross_entropy(y, t)
 
@@ -23,10 +36,11 @@ def flat_z(opt: CurveBall, model: nn.Module) -> torch.Tensor:
     return torch.cat([opt.state[p]["z"].reshape(-1) for p in model.parameters()])
 
 
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("mode", ["auto", "double-backward"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.3])
-def test_frozen_parameters_drive_z_to_the_damped_newton_step(mode, weight_decay):
-    model, x, loss_fn = tiny_problem()
+def test_frozen_parameters_drive_z_to_the_damped_newton_step(mode, weight_decay, kind):
+    model, x, loss_fn = tiny_problem(kind=kind)
     lambd = 0.5
     opt = CurveBall(
         model, lr=0.0, lambd=lambd, auto_lambda=False, weight_decay=weight_decay, forward_mode=mode
@@ -42,8 +56,9 @@ def test_frozen_parameters_drive_z_to_the_damped_newton_step(mode, weight_decay)
     assert (z - newton).norm() / newton.norm() <= 1e-6
 
 
-def test_step_sizes_minimise_the_model_over_the_plane():
-    model, x, loss_fn = tiny_problem(1)
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_step_sizes_minimise_the_model_over_the_plane(kind):
+    model, x, loss_fn = tiny_problem(1, kind)
     opt = CurveBall(model, lr=0.0, lambd=0.7, auto_lambda=False)
     for _ in range(3):  # a nonzero z
         opt.step(lambda: model(x), loss_fn)

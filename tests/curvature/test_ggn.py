@@ -26,8 +26,21 @@ def cnn_bn() -> nn.Module:
     )
 
 
-INPUTS = {"mlp": (6, 5), "cnn_bn": (6, 2, 4, 4)}
-MODELS = {"mlp": mlp, "cnn_bn": cnn_bn}
+def cnn_pool() -> nn.Module:
+    """Max and adaptive pooling, and an in-place activation on a convolution's output."""
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2, ceil_mode=True),
+        nn.Conv2d(3, 4, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+
+
+INPUTS = {"mlp": (6, 5), "cnn_bn": (6, 2, 4, 4), "cnn_pool": (6, 2, 5, 5)}
+MODELS = {"mlp": mlp, "cnn_bn": cnn_bn, "cnn_pool": cnn_pool}
 
 
 def losses(targets: torch.Tensor, onehot: torch.Tensor):
@@ -43,7 +56,7 @@ def losses(targets: torch.Tensor, onehot: torch.Tensor):
 
 @pytest.mark.parametrize("engine", ["forward", "double-backward"])
 @pytest.mark.parametrize("loss_name", ["cross_entropy", "mse", "log_cosh"])
-@pytest.mark.parametrize("model_name", ["mlp", "cnn_bn"])
+@pytest.mark.parametrize("model_name", sorted(MODELS))
 def test_ggn_product_matches_dense_matrix(model_name, loss_name, engine):
     torch.manual_seed(0)
     model = MODELS[model_name]().double()

@@ -39,7 +39,13 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 _BILINEAR = frozenset({F.linear, F.conv1d, F.conv2d, F.conv3d})
-_MAX_POOL = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
+_WITH_INDICES = (F.max_pool1d_with_indices, F.max_pool2d_with_indices, F.max_pool3d_with_indices)
+# the pooling functions by number of pooled dimensions (``F.max_poolNd`` dispatches to the
+# ``_with_indices`` variant when ``return_indices=True``; both are seen here)
+_MAX_POOL = {
+    **{f: d for d, f in enumerate((F.max_pool1d, F.max_pool2d, F.max_pool3d), start=1)},
+    **{f: d for d, f in enumerate(_WITH_INDICES, start=1)},
+}
 _AVG_POOL = frozenset(
     {
         F.avg_pool1d,
@@ -172,18 +178,19 @@ class LeanTangents(TorchFunctionMode):
             return None
         options, kw = list(args[1:]), dict(kwargs)
         if len(options) >= _RETURN_INDICES:
-            return_indices = bool(options.pop(_RETURN_INDICES - 1))
+            return_indices = bool(options[_RETURN_INDICES - 1])
             del options[_RETURN_INDICES - 1 :]
         else:
             return_indices = bool(kw.pop("return_indices", False))
-        key = (func, tuple(xp.shape), xp.dtype, _options_key(tuple(options), kw))
+        return_indices = return_indices or func in _WITH_INDICES
+        dims = _MAX_POOL[func]
+        key = (dims, tuple(xp.shape), xp.dtype, _options_key(tuple(options), kw))
         reused = self._reuse(key)
         if reused:
             primal, indices = reused
         else:
-            primal, indices = func(xp, *options, return_indices=True, **kw)
+            primal, indices = _WITH_INDICES[dims - 1](xp, *options, **kw)
         self._keep(key, primal, indices)
-        dims = _MAX_POOL[func]
         with torch.no_grad():
             tangent = xt.flatten(-dims).gather(-1, indices.flatten(-dims)).view(primal.shape)
         out = fwAD.make_dual(primal, tangent, level=self.level)

@@ -1,0 +1,217 @@
+"""The lean forward-mode rules against PyTorch's own forward-mode formulas.
+
+Every rule must give exactly the primal and tangent of the built-in rule, with
+the input carrying a tangent or not, however the function is called; replaying
+a recorded pass must give the same results again while reusing the recorded
+primal tensors, and must fall back to computing when a record is stale.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+
+from curveball.curvature.tangent_rules import LeanTangents
+
+gen = torch.Generator().manual_seed(0)
+
+
+def randn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+
+def run(fn, primals, tangents, rules: LeanTangents | None = None):
+    """``fn`` on dual inputs (``None`` tangent: a plain input); returns (primal, tangent)."""
+    with fwAD.dual_level() as level:
+        args = [
+            p if t is None else fwAD.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)
+        ]
+        if rules is None:
+            out = fn(*args)
+        else:
+            rules.level = level
+            with rules:
+                out = fn(*args)
+        if isinstance(out, tuple):
+            out = out[0]
+        primal, tangent = fwAD.unpack_dual(out)
+        return primal.detach().clone(), None if tangent is None else tangent.clone()
+
+
+# (name, function of (x, w, b), shapes of (x, w, b))
+BILINEAR = {
+    "linear": (lambda x, w, b: F.linear(x, w, b), [(4, 5), (3, 5), (3,)]),
+    "linear-bias-kw": (lambda x, w, b: F.linear(x, w, bias=b), [(2, 4, 5), (3, 5), (3,)]),
+    "linear-no-bias": (lambda x, w, b: F.linear(x, w), [(4, 5), (3, 5), (3,)]),
+    "conv1d": (
+        lambda x, w, b: F.conv1d(x, w, b, stride=2, padding=1),
+        [(2, 3, 9), (4, 3, 3), (4,)],
+    ),
+    "conv2d": (
+        lambda x, w, b: F.conv2d(x, w, b, 1, 2, 2),  # stride, padding, dilation positionally
+        [(2, 3, 7, 6), (4, 3, 3, 3), (4,)],
+    ),
+    "conv2d-groups": (
+        lambda x, w, b: F.conv2d(x, w, b, padding=1, groups=2),
+        [(2, 4, 5, 5), (6, 2, 3, 3), (6,)],
+    ),
+    "conv3d": (
+        lambda x, w, b: F.conv3d(x, w, b, padding=1),
+        [(1, 2, 4, 4, 3), (3, 2, 3, 3, 3), (3,)],
+    ),
+}
+
+
+@pytest.mark.parametrize("input_tangent", [False, True])
+@pytest.mark.parametrize("name", sorted(BILINEAR))
+def test_bilinear_rule_equals_builtin(name, input_tangent):
+    fn, shapes = BILINEAR[name]
+    primals = [randn(*s) for s in shapes]
+    tangents = [randn(*s) for s in shapes]
+    if not input_tangent:
+        tangents[0] = None
+    expected = run(fn, primals, tangents)
+    rules = LeanTangents(0, record=True)
+    got = run(fn, primals, tangents, rules)
+    assert len(rules.records) == 1  # the lean rule, not the built-in one, handled the call
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=1e-12)
+
+
+POOLS = {
+    "max1d": (lambda x: F.max_pool1d(x, 3, 2), (2, 3, 11)),
+    "max2d-ceil": (lambda x: F.max_pool2d(x, 3, stride=2, ceil_mode=True), (2, 3, 8, 8)),
+    "max2d-indices-kw": (lambda x: F.max_pool2d(x, 2, return_indices=True), (2, 3, 6, 6)),
+    "max2d-indices-positional": (lambda x: F.max_pool2d(x, 2, 2, 0, 1, False, True), (3, 6, 6)),
+    "max3d": (lambda x: F.max_pool3d(x, 2, padding=1), (1, 2, 4, 5, 3)),
+    "avg2d": (lambda x: F.avg_pool2d(x, 3, 2, 1, True, False), (2, 3, 7, 7)),
+    "adaptive-avg2d": (lambda x: F.adaptive_avg_pool2d(x, (2, 3)), (2, 3, 7, 8)),
+    "avg1d": (lambda x: F.avg_pool1d(x, 2), (2, 3, 8)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POOLS))
+def test_pooling_rule_equals_builtin(name):
+    fn, shape = POOLS[name]
+    x, t = randn(*shape), randn(*shape)
+    expected = run(fn, [x], [t])
+    rules = LeanTangents(0, record=True)
+    got = run(fn, [x], [t], rules)
+    assert len(rules.records) == 1  # the lean rule, not the built-in one, handled the call
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=1e-12)
+
+
+def test_max_pool_returns_the_builtin_indices():
+    x, t = randn(2, 3, 6, 6), randn(2, 3, 6, 6)
+    with fwAD.dual_level() as level, LeanTangents(level):
+        _, indices = F.max_pool2d(fwAD.make_dual(x, t), 2, return_indices=True)
+    _, expected = F.max_pool2d(x, 2, return_indices=True)
+    assert torch.equal(indices, expected)
+
+
+def network(x, w1, b1, w2, b2):
+    h = F.max_pool2d(F.conv2d(x, w1, b1, padding=1), 2)
+    h = F.avg_pool2d(torch.tanh(h), 2)
+    return F.linear(h.flatten(1), w2, b2)
+
+
+def network_inputs():
+    x = randn(3, 2, 8, 8)
+    params = [randn(4, 2, 3, 3), randn(4), randn(5, 16), randn(5)]
+    return x, params
+
+
+def test_replay_reuses_the_recorded_primals_and_gives_the_same_tangent():
+    x, params = network_inputs()
+    t1 = [randn(*p.shape) for p in params]
+    t2 = [randn(*p.shape) for p in params]
+    recorder = LeanTangents(0, record=True)
+    run(network, [x, *params], [None, *t1], recorder)
+    assert len(recorder.records) == 4  # conv, max pool, avg pool, linear
+
+    replayer = LeanTangents(0, replay=recorder.records)
+    reused = []
+    original = replayer._reuse
+    replayer._reuse = lambda key: reused.append(original(key)) or reused[-1]
+    got = run(network, [x, *params], [None, *t2], replayer)
+    expected = run(network, [x, *params], [None, *t2])
+    assert all(r is not None for r in reused)
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=1e-12)
+
+
+def test_replay_recomputes_records_modified_in_place_and_after_a_mismatch():
+    x, params = network_inputs()
+    t = [randn(*p.shape) for p in params]
+    recorder = LeanTangents(0, record=True)
+    run(network, [x, *params], [None, *t], recorder)
+    recorder.records[0].tensors[0].mul_(100.0)  # e.g. an in-place activation after the conv
+
+    replayer = LeanTangents(0, replay=recorder.records)
+    got = run(network, [x, *params], [None, *t], replayer)
+    expected = run(network, [x, *params], [None, *t])
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=1e-12)
+    assert replayer._replay is None  # the stale record stopped the replay
+
+    # A pass on another batch shape does not match the records either.
+    x2 = randn(5, 2, 8, 8)
+    fresh = LeanTangents(0, record=True)
+    run(network, [x, *params], [None, *t], fresh)
+    got = run(network, [x2, *params], [None, *t], LeanTangents(0, replay=fresh.records))
+    expected = run(network, [x2, *params], [None, *t])
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=1e-12)
+
+
+def test_primal_of_a_recording_pass_back_propagates_like_a_plain_one():
+    x, params = network_inputs()
+    leaves = [p.clone().requires_grad_(True) for p in params]
+    t = [randn(*p.shape) for p in params]
+    cotangent = randn(3, 5)
+    with fwAD.dual_level() as level, LeanTangents(level, record=True):
+        out = network(x, *[fwAD.make_dual(p, v) for p, v in zip(leaves, t, strict=True)])
+        primal = fwAD.unpack_dual(out).primal
+    grads = torch.autograd.grad(primal, leaves, cotangent)
+    plain = [p.clone().requires_grad_(True) for p in params]
+    expected = torch.autograd.grad(network(x, *plain), plain, cotangent)
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_calls_without_dual_operands_are_untouched():
+    x, w = randn(4, 5), randn(3, 5)
+    with fwAD.dual_level() as level, LeanTangents(level, record=True) as rules:
+        out = F.linear(x, w)
+    assert fwAD.unpack_dual(out).tangent is None
+    torch.testing.assert_close(out, x @ w.T, rtol=1e-12, atol=1e-12)
+    assert rules.records == []
+
+
+def test_a_curveball_step_runs_only_the_necessary_convolutions():
+    """Two conv layers, one step without a trust-region test: 8 forward convolutions.
+
+    First pass: layer 1 computes its primal and ``conv(x, Ẇ)`` (the data has no
+    tangent), layer 2 its primal, ``conv(ẋ, W)`` and ``conv(x, Ẇ)``: 5. Second pass,
+    replayed: 1 + 2 tangent products. PyTorch's built-in rule would run 12.
+    """
+    from torch import nn
+    from torch.profiler import profile
+
+    from curveball import CurveBall
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(2, 2)
+    )
+    for p in model[4].parameters():
+        p.requires_grad_(False)
+    x, t = torch.randn(4, 2, 5, 5), torch.randint(0, 2, (4,))
+    opt = CurveBall(model, lambda_interval=100)
+    with profile() as prof:
+        opt.step(lambda: model(x), lambda y: F.cross_entropy(y, t))
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts["aten::convolution"] == 8
