@@ -58,6 +58,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -73,7 +74,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-BASE_METHODS = ("sgd", "adam", "curveball", "curveball-double-backward", "ideal")
+BASE_METHODS = ("sgd", "adam", "curveball", "curveball-double-backward", "ideal", "ideal-lean")
 MODEL_CHOICES = ("mlp", "cnn", "resnet18", "tiny")
 TINY_FEATURES = 20
 TINY_CLASSES = 10
@@ -177,8 +178,10 @@ def _curveball_step(model: nn.Module, x, t, **kwargs) -> Callable[[], object]:
     return step
 
 
-def _ideal_step(model: nn.Module, x, t, seed: int) -> Callable[[], object]:
+def _ideal_step(model: nn.Module, x, t, seed: int, lean: bool) -> Callable[[], object]:
     """The bare AD work of a CurveBall step: JVP + VJP through one graph, then one more JVP."""
+    from curveball.curvature.tangent_rules import LeanTangents
+
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(seed + 2)
@@ -192,15 +195,19 @@ def _ideal_step(model: nn.Module, x, t, seed: int) -> Callable[[], object]:
         out_shape = model(x).shape
     grad_out = torch.randn(out_shape, generator=gen).to(x.device)
 
+    def rules(level: int, replay=None, record: bool = False):
+        return LeanTangents(level, replay, record) if lean else contextlib.nullcontext()
+
     def step() -> tuple[torch.Tensor, ...]:
-        with fwAD.dual_level():
+        with fwAD.dual_level() as level, rules(level, record=True) as first:
             out = functional_call(model, dual_params(), (x,))
             primal, tangent = fwAD.unpack_dual(out)
         # Backward once the dual level is closed: inside it, the tensors saved for backward are
         # still dual and the backward pass would drag tangents along (forward-over-reverse),
         # roughly doubling its cost for nothing.
         grads = torch.autograd.grad(primal, params, grad_outputs=grad_out)
-        with fwAD.dual_level(), torch.no_grad():
+        records = first.records if lean else None
+        with fwAD.dual_level() as level, torch.no_grad(), rules(level, replay=records):
             out2 = functional_call(model, dual_params(), (x,))
             tangent2 = fwAD.unpack_dual(out2).tangent
         if tangent is None or tangent2 is None:
@@ -237,8 +244,8 @@ def make_contender(
         step = _curveball_step(compiled, x, t)
         step()  # compile now (untimed); failures surface here
         return Contender(method, step)
-    if method == "ideal":
-        return Contender(method, _ideal_step(model, x, t, seed))
+    if method in ("ideal", "ideal-lean"):
+        return Contender(method, _ideal_step(model, x, t, seed, lean=method == "ideal-lean"))
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -344,14 +351,16 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def format_table(result: dict) -> str:
     lines = [
-        "| model | batch | method | median (ms) | x sgd | x ideal | peak mem (MiB) |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| model | batch | method | median (ms) | x sgd | x ideal | x ideal-lean "
+        "| peak mem (MiB) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         mem = r["peak_mem_bytes"]
         lines.append(
             f"| {r['model']} | {r['batch_size']} | {r['method']} | {r['median_s'] * 1e3:.2f} | "
             f"{_fmt(r['ratio_sgd'], '.2f')} | {_fmt(r['ratio_ideal'], '.2f')} | "
+            f"{_fmt(r['ratio_ideal_lean'], '.2f')} | "
             f"{_fmt(None if mem is None else mem / 2**20, '.1f')} |"
         )
     return "\n".join(lines)
@@ -426,6 +435,7 @@ def run(args: list[str] | None = None) -> dict:
                     "batch_size": bs,
                     "ratio_sgd": _ratio(med, medians.get("sgd")),
                     "ratio_ideal": _ratio(med, medians.get("ideal")),
+                    "ratio_ideal_lean": _ratio(med, medians.get("ideal-lean")),
                 }
             )
         del work

@@ -8,8 +8,10 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
-METHODS = {"sgd", "adam", "curveball", "curveball-double-backward", "ideal"}
+METHODS = {"sgd", "adam", "curveball", "curveball-double-backward", "ideal", "ideal-lean"}
 ROW_KEYS = {
     "model",
     "method",
@@ -18,6 +20,7 @@ ROW_KEYS = {
     "batch_size",
     "ratio_sgd",
     "ratio_ideal",
+    "ratio_ideal_lean",
 }
 
 
@@ -56,21 +59,23 @@ def test_step_time_tiny_json(tmp_path):
         assert isinstance(r["median_s"], float)
         assert math.isfinite(r["median_s"]) and r["median_s"] > 0
         assert r["peak_mem_bytes"] is None
-        for key in ("ratio_sgd", "ratio_ideal"):
+        for key in ("ratio_sgd", "ratio_ideal", "ratio_ideal_lean"):
             assert isinstance(r[key], float)
             assert math.isfinite(r[key]) and r[key] > 0
 
     by_method = {r["method"]: r for r in rows}
     assert by_method["sgd"]["ratio_sgd"] == 1.0
     assert by_method["ideal"]["ratio_ideal"] == 1.0
+    assert by_method["ideal-lean"]["ratio_ideal_lean"] == 1.0
 
 
-def test_ideal_step_matches_plain_autograd():
+@pytest.mark.parametrize("lean", [False, True])
+def test_ideal_step_matches_plain_autograd(lean):
     import torch
 
     step_time = _load_script()
     work = step_time.make_workload("tiny", 8, torch.device("cpu"), seed=0)
-    grads = step_time._ideal_step(work.model, work.x, work.t, seed=0)()
+    grads = step_time._ideal_step(work.model, work.x, work.t, seed=0, lean=lean)()
 
     params = list(work.model.parameters())
     gen = torch.Generator().manual_seed(2)
