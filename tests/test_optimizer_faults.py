@@ -163,3 +163,21 @@ def test_an_error_mid_step_leaves_module_buffers_and_randomness_untouched():
         opt.step(lambda: model(x), lambda y: y.pow(2))  # not a scalar: found after the first pass
     assert torch.equal(torch.rand(2), expected)
     assert_unchanged(before, model, opt)
+
+
+def test_compiled_module_gets_a_clear_error_and_leaves_everything_intact():
+    """A torch.compile'd module has no forward-mode rule and no double backward."""
+    from curveball.curvature.forward_mode import ForwardModeEngine
+
+    model, opt, x, t = setup()
+    compiled = torch.compile(model, backend="aot_eager")
+    before = snapshot(model, opt)
+    with pytest.warns(RuntimeWarning, match="forward-mode"):
+        with pytest.raises(RuntimeError, match="torch.compile'd modules"):
+            opt.step(lambda: compiled(x), lambda y: F.cross_entropy(y, t))
+    assert_unchanged(before, model, opt)
+    assert opt.steps == 3
+    # the uncompiled module still trains with true forward mode
+    opt.step(lambda: model(x), lambda y: F.cross_entropy(y, t))
+    assert isinstance(opt._engine, ForwardModeEngine)
+    assert opt.steps == 4

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from curveball.curvature.double_backward import DoubleBackwardEngine
+from curveball.curvature.double_backward import DoubleBackwardEngine, DoubleBackwardUnsupported
 from curveball.curvature.engine import JacobianEngine
 from curveball.curvature.forward_mode import ForwardModeEngine, ForwardModeUnsupported
 from curveball.curvature.substitution import ModuleTensors
@@ -294,9 +294,17 @@ class CurveBall(torch.optim.Optimizer):
                 RuntimeWarning,
                 stacklevel=3,
             )
+            forward_engine = self._engine
             self._fell_back = True
             self._engine = self._make_engine()
-            return self._engine.linearize(model_fn, zs)
+            try:
+                return self._engine.linearize(model_fn, zs)
+            except DoubleBackwardUnsupported:
+                # Neither path works (e.g. a torch.compile'd module): keep forward mode for
+                # later calls, which may run a model that supports it.
+                self._engine.abort()
+                self._fell_back, self._engine = False, forward_engine
+                raise
 
     def step(  # type: ignore[override]
         self,

@@ -16,6 +16,17 @@ import torch
 from curveball.curvature.engine import JacobianEngine, ModelFn, check_predictions, owned_like
 
 
+class DoubleBackwardUnsupported(RuntimeError):
+    """Raised when the model's backward pass cannot itself be differentiated."""
+
+
+_COMPILED_HINT = (
+    "CurveBall cannot compute Jacobian products through this model: it has no forward-mode "
+    "derivative and its backward pass cannot be differentiated again ({}). This is the case "
+    "for torch.compile'd modules; run CurveBall on the uncompiled module."
+)
+
+
 class DoubleBackwardEngine(JacobianEngine):
     """:class:`~curveball.curvature.engine.JacobianEngine` from reverse mode only."""
 
@@ -44,7 +55,14 @@ class DoubleBackwardEngine(JacobianEngine):
                     if g is not None and g.requires_grad:
                         self._used.append(i)
                         self._backward.append(g)
-        return y, self.jvp(tangents)
+        try:
+            return y, self.jvp(tangents)
+        except RuntimeError as error:  # the first product differentiates the backward pass
+            text = str(error)
+            if "double backward" in text or "create_graph" in text:
+                first = text.strip().splitlines()[0]
+                raise DoubleBackwardUnsupported(_COMPILED_HINT.format(first)) from error
+            raise
 
     def vjp(self, cotangent: torch.Tensor) -> list[torch.Tensor]:
         assert self._predictions is not None
