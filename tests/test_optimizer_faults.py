@@ -172,9 +172,11 @@ def test_compiled_module_gets_a_clear_error_and_leaves_everything_intact():
     model, opt, x, t = setup()
     compiled = torch.compile(model, backend="aot_eager")
     before = snapshot(model, opt)
-    with pytest.warns(RuntimeWarning, match="forward-mode"):
-        with pytest.raises(RuntimeError, match="torch.compile'd modules"):
-            opt.step(lambda: compiled(x), lambda y: F.cross_entropy(y, t))
+    with (
+        pytest.warns(RuntimeWarning, match="forward-mode"),
+        pytest.raises(RuntimeError, match="torch.compile'd modules"),
+    ):
+        opt.step(lambda: compiled(x), lambda y: F.cross_entropy(y, t))
     assert_unchanged(before, model, opt)
     assert opt.steps == 3
     # the uncompiled module still trains with true forward mode

@@ -60,7 +60,7 @@ def test_mnist_quick_on_fake_idx_files(tmp_path: Path, data_root: Path) -> None:
     code = main(["mnist", "--quick", "--out", str(tmp_path), "--data-dir", str(data_root)])
     assert code == 0
     results = check_outputs(tmp_path, "mnist")
-    assert {row["problem"] for row in results["rows"]} == {"mlp", "basic cnn"}
+    assert {row["problem"] for row in results["rows"]} == {"mlp", "mlp 512 relu", "basic cnn"}
     assert {"train loss @1", "val acc @1"} <= {row["metric"] for row in results["rows"]}
 
 

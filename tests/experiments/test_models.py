@@ -22,6 +22,16 @@ def test_mlp_shapes() -> None:
     assert net(torch.randn(5, 12)).shape == (5, 4)
     linear = models.mlp(in_features=12, hidden=(), num_classes=4)
     assert sum(isinstance(m, nn.Linear) for m in linear.modules()) == 1
+    with pytest.raises(ValueError, match="activation"):
+        models.mlp(activation="gelu")
+
+
+def test_paper_mnist_mlp_layout() -> None:
+    net = models.mnist_mlp()
+    widths = [(m.in_features, m.out_features) for m in net.modules() if isinstance(m, nn.Linear)]
+    assert widths == [(784, 128), (128, 64), (64, 32), (32, 10)]
+    assert sum(isinstance(m, nn.Tanh) for m in net.modules()) == 3
+    assert net(torch.randn(3, 1, 28, 28)).shape == (3, 10)
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])

@@ -60,23 +60,38 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
 # ---------------------------------------------------------------------------
 
 
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+def mnist_mlp(num_classes: int = 10) -> nn.Module:
+    """The MNIST MLP of the CurveBall paper's experiments: 784-128-64-32-10, tanh.
+
+    (The authors' MatConvNet model ``mnist_mlp``; PyTorch's default initialisation.)
+    """
+    return mlp(784, (128, 64, 32), num_classes, activation="tanh")
+
+
 def mlp(
     in_features: int = 784,
     hidden: Sequence[int] = (512, 512),
     num_classes: int = 10,
+    activation: str = "relu",
 ) -> nn.Module:
-    """Fully connected network: flatten, then ``Linear + ReLU`` per hidden layer.
+    """Fully connected network: flatten, then ``Linear + activation`` per hidden layer.
 
     Args:
         in_features: number of input features after flattening (784 for MNIST).
         hidden: widths of the hidden layers; an empty sequence gives a linear
             (multinomial logistic regression) model.
         num_classes: number of output logits.
+        activation: ``"relu"`` or ``"tanh"``.
     """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}")
     layers: list[nn.Module] = [nn.Flatten()]
     width = int(in_features)
     for h in hidden:
-        layers += [nn.Linear(width, int(h)), nn.ReLU()]
+        layers += [nn.Linear(width, int(h)), _ACTIVATIONS[activation]()]
         width = int(h)
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
