@@ -11,18 +11,20 @@ from which the generalised Gauss-Newton product ``G v = Jᵀ H_L J v`` follows:
   forward-mode automatic differentiation (dual numbers): the forward pass that
   produces the predictions carries the tangent at the same time.
 * :class:`~curveball.curvature.double_backward.DoubleBackwardEngine` obtains
-  ``J v`` from a backward pass of a backward pass. It is several times slower
-  and only a fallback for operations that lack forward-mode formulas, or for
-  optimizers built from bare parameters (no module to substitute tensors in).
+  ``J v`` from a backward pass of a backward pass. It is slower (it builds and
+  traverses the graph of a backward pass) and only a fallback for operations
+  that lack forward-mode formulas, or for optimizers built from bare parameters
+  (no module to substitute tensors in).
 """
 
-from curveball.curvature.double_backward import DoubleBackwardEngine
+from curveball.curvature.double_backward import DoubleBackwardEngine, DoubleBackwardUnsupported
 from curveball.curvature.engine import JacobianEngine
 from curveball.curvature.forward_mode import ForwardModeEngine, ForwardModeUnsupported
 from curveball.curvature.ggn import ggn_vector_product
 
 __all__ = [
     "DoubleBackwardEngine",
+    "DoubleBackwardUnsupported",
     "ForwardModeEngine",
     "ForwardModeUnsupported",
     "JacobianEngine",

@@ -2,9 +2,12 @@
 
 With ``g(u) = Jᵀ u`` computed by a backward pass that keeps its own graph,
 ``J t = d/du ⟨g(u), t⟩`` is a second backward pass, through the first one.
-This reuses the graph of a single forward pass but costs several times a
-true forward-mode pass; it serves models with operations that have no
-forward-mode formula, and optimizers built from bare parameters.
+One forward pass and one backward pass that keeps its graph serve every
+product of an iteration, but each product then traverses that second-order
+graph, which costs more than a forward-mode pass (and the lean rules of
+:mod:`curveball.curvature.tangent_rules` do not apply). It serves models with
+operations that have no forward-mode formula, and optimizers built from bare
+parameters.
 """
 
 from __future__ import annotations
@@ -46,23 +49,23 @@ class DoubleBackwardEngine(JacobianEngine):
             self._predictions = y
             self._used = []
             self._backward = []
-            if y.requires_grad:
-                self._dummy = torch.zeros_like(y, requires_grad=True)
-                grads = torch.autograd.grad(
-                    y, self.params, self._dummy, create_graph=True, allow_unused=True
-                )
-                for i, g in enumerate(grads):
-                    if g is not None and g.requires_grad:
-                        self._used.append(i)
-                        self._backward.append(g)
-        try:
-            return y, self.jvp(tangents)
-        except RuntimeError as error:  # the first product differentiates the backward pass
-            text = str(error)
-            if "double backward" in text or "create_graph" in text:
-                first = text.strip().splitlines()[0]
-                raise DoubleBackwardUnsupported(_COMPILED_HINT.format(first)) from error
-            raise
+            try:
+                if y.requires_grad:
+                    self._dummy = torch.zeros_like(y, requires_grad=True)
+                    grads = torch.autograd.grad(
+                        y, self.params, self._dummy, create_graph=True, allow_unused=True
+                    )
+                    for i, g in enumerate(grads):
+                        if g is not None and g.requires_grad:
+                            self._used.append(i)
+                            self._backward.append(g)
+                return y, self.jvp(tangents)  # the first product differentiates the backward
+            except RuntimeError as error:
+                text = str(error)
+                if "double backward" in text or "create_graph" in text:
+                    first = text.strip().splitlines()[0]
+                    raise DoubleBackwardUnsupported(_COMPILED_HINT.format(first)) from error
+                raise
 
     def vjp(self, cotangent: torch.Tensor) -> list[torch.Tensor]:
         assert self._predictions is not None

@@ -6,6 +6,9 @@ The parameters are replaced, inside the module, by dual tensors ``w + ε t``
 pass also records the ordinary autograd graph of ``y``, which the backward pass
 ``Jᵀ u`` then uses: no separate plain forward pass is needed. A second
 forward-mode pass, with gradients disabled, gives ``J v`` for another tangent.
+Both passes run under :class:`~curveball.curvature.tangent_rules.LeanTangents`:
+linear, convolution and pooling layers skip products with zero tangents, and
+the second pass reuses the first pass's primal outputs of those layers.
 """
 
 from __future__ import annotations
