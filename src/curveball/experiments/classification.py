@@ -450,6 +450,42 @@ class Padded(nn.Module):
         return self.net(_pad_to_32(x))
 
 
+def _sized(
+    dataset: Dataset,
+    epochs: int | None,
+    quick: bool,
+    full_epochs: int,
+    quick_sizes: tuple[int, int, int],
+) -> tuple[Dataset, TrainSettings]:
+    """The dataset and settings of a run: ``quick_sizes`` = (train, val, batch) in quick mode."""
+    settings = TrainSettings(epochs=epochs or (1 if quick else full_epochs))
+    if quick:
+        train_count, val_count, settings.batch_size = quick_sizes
+        dataset = dataset.subset(train_count, val_count)
+    return dataset, settings
+
+
+def _compare_networks(
+    name: str,
+    out_dir: Path | str,
+    dataset: Dataset,
+    settings: TrainSettings,
+    nets: dict[str, Callable[[], nn.Module]],
+    compared: Sequence[str],
+    seeds: Sequence[int],
+    device: torch.device,
+    notes: Sequence[str] = (),
+) -> Report:
+    """Train every network with every optimizer, then check CurveBall on ``compared``."""
+    report = Report(name, out_dir, device=str(device))
+    _describe(report, dataset, settings, seeds)
+    report.notes.extend(notes)
+    run_models(report, dataset, nets, seeds, settings, device)
+    for problem in compared:
+        compare_epochs(report, problem, settings.epochs)
+    return report
+
+
 def run_mnist(
     out_dir: Path | str,
     data_dir: Path | str | None,
@@ -458,7 +494,7 @@ def run_mnist(
     device: torch.device,
     epochs: int | None = None,
 ) -> Report:
-    """MNIST with the MLP and the basic CNN."""
+    """MNIST with the paper's MLP, a wider MLP and the basic CNN."""
     from curveball.experiments import models
 
     folder = find_mnist(data_dir)
@@ -466,27 +502,22 @@ def run_mnist(
         raise FileNotFoundError(f"no MNIST IDX files in {data_dir} or {data_dir}/mnist")
     dataset = load_mnist_dataset(folder)
     print(dataset.note)
-    settings = TrainSettings(epochs=epochs or (1 if quick else 5))
-    if quick:
-        dataset = dataset.subset(256, 128)
-        settings.batch_size = 64
-    report = Report("mnist", out_dir, device=str(device))
-    _describe(report, dataset, settings, seeds)
-    report.notes.append(
+    dataset, settings = _sized(dataset, epochs, quick, 5, (256, 128, 64))
+    nets = {
+        "mlp": models.mnist_mlp,
+        "mlp 512 relu": lambda: models.mlp(784, (512, 512), 10),
+        "basic cnn": lambda: Padded(models.basic_cnn(batch_norm=False, in_channels=1)),
+    }
+    note = (
         "Models: mlp, the paper's MNIST MLP (784-128-64-32-10, tanh; models.mnist_mlp); "
         "mlp 512 relu, a wider MLP (784-512-512-10, ReLU; the step-time benchmark's mlp), "
         "reported for comparison; basic CNN of the paper (models.basic_cnn, no batch norm, "
         "1 input channel) on images zero-padded to 32x32, since its 4x4 convolution needs a "
         "4x4 map after three poolings."
     )
-    nets = {
-        "mlp": models.mnist_mlp,
-        "mlp 512 relu": lambda: models.mlp(784, (512, 512), 10),
-        "basic cnn": lambda: Padded(models.basic_cnn(batch_norm=False, in_channels=1)),
-    }
-    run_models(report, dataset, nets, seeds, settings, device)
-    compare_epochs(report, "mlp", settings.epochs)
-    return report
+    return _compare_networks(
+        "mnist", out_dir, dataset, settings, nets, ["mlp"], seeds, device, [note]
+    )
 
 
 def run_cifar10(
@@ -503,27 +534,21 @@ def run_cifar10(
     folder = find_cifar10(data_dir)
     if folder is None:
         raise FileNotFoundError(f"no CIFAR-10 python batches under {data_dir}")
-    dataset = load_cifar10_dataset(folder)
-    settings = TrainSettings(epochs=epochs or (1 if quick else 10))
-    if quick:
-        dataset = dataset.subset(64, 32)
-        settings.batch_size = 32
-    report = Report("cifar10", out_dir, device=str(device))
-    _describe(report, dataset, settings, seeds)
+    dataset, settings = _sized(load_cifar10_dataset(folder), epochs, quick, 10, (64, 32, 32))
     nets = {
         "basic cnn": lambda: models.basic_cnn(batch_norm=False),
         "basic cnn + bn": lambda: models.basic_cnn(batch_norm=True),
         "resnet-18": lambda: models.resnet18(),
     }
+    notes = []
     if quick:
         nets["resnet-18"] = lambda: models.ResNet((2, 2, 2, 2), (8, 16, 32, 64))
-        report.notes.append(
+        notes.append(
             "Quick mode: ResNet-18 with its depth but 1/8 of the widths (8-16-32-64 channels)."
         )
-    run_models(report, dataset, nets, seeds, settings, device)
-    for name in nets:
-        compare_epochs(report, name, settings.epochs)
-    return report
+    return _compare_networks(
+        "cifar10", out_dir, dataset, settings, nets, list(nets), seeds, device, notes
+    )
 
 
 def run_imagenet(
@@ -544,17 +569,13 @@ def run_imagenet(
         raise FileNotFoundError(f"no ImageNet-style folder (imagenet/train/<class>/) in {data_dir}")
     size = image_size or (64 if quick else 128)
     dataset = load_imagenet_dataset(folder, size, classes, 16 if quick else None)
-    settings = TrainSettings(epochs=epochs or (1 if quick else 10))
-    if quick:
-        dataset = dataset.subset(32, 16)
-        settings.batch_size = 16
-    report = Report("imagenet", out_dir, device=str(device))
-    _describe(report, dataset, settings, seeds)
-    report.settings.update({"image_size": size, "classes": dataset.num_classes})
+    dataset, settings = _sized(dataset, epochs, quick, 10, (32, 16, 16))
     n = dataset.num_classes
     nets = {"vgg-f": lambda: models.vggf(num_classes=n)}
-    run_models(report, dataset, nets, seeds, settings, device)
-    compare_epochs(report, "vgg-f", settings.epochs)
+    report = _compare_networks(
+        "imagenet", out_dir, dataset, settings, nets, ["vgg-f"], seeds, device
+    )
+    report.settings.update({"image_size": size, "classes": n})
     return report
 
 
