@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from curveball import CurveBall
+from curveball.experiments.classification import find_mnist
 from curveball.experiments.data import mnist_splits
 from curveball.experiments.models import mlp
 
@@ -53,13 +53,10 @@ def setup() -> tuple[int, int]:
 
 def load_data(data_dir: str) -> dict:
     """MNIST from ``data_dir``, or from its ``mnist`` sub-folder."""
-    try:
-        return mnist_splits(data_dir)
-    except FileNotFoundError:
-        sub = Path(data_dir) / "mnist"
-        if not sub.is_dir():
-            raise
-        return mnist_splits(sub)
+    folder = find_mnist(data_dir)
+    if folder is None:
+        raise SystemExit(f"no MNIST IDX files in {data_dir} or {data_dir}/mnist")
+    return mnist_splits(folder)
 
 
 def all_sum(values: list[float], world: int) -> list[float]:
