@@ -366,6 +366,28 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_targets(result: dict) -> str:
+    """The ratios the project's targets are stated in, per model."""
+    medians: dict[str, dict[str, float]] = {}
+    for r in result["rows"]:
+        medians.setdefault(r["model"], {})[r["method"]] = r["median_s"]
+    lines = [
+        "| model | curveball / ideal | curveball / sgd | double-backward / curveball |",
+        "|---|---:|---:|---:|",
+    ]
+    for model, m in medians.items():
+        cb = m.get("curveball")
+
+        def ratio(a: float | None, b: float | None) -> str:
+            return "-" if a is None or not b else f"{a / b:.2f}"
+
+        lines.append(
+            f"| {model} | {ratio(cb, m.get('ideal'))} | {ratio(cb, m.get('sgd'))} | "
+            f"{ratio(m.get('curveball-double-backward'), cb)} |"
+        )
+    return "\n".join(lines)
+
+
 def run(args: list[str] | None = None) -> dict:
     ns = parse_args(args)
     device_name = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -450,6 +472,8 @@ def run(args: list[str] | None = None) -> dict:
     }
     print()
     print(format_table(result), flush=True)
+    print()
+    print(format_targets(result), flush=True)
 
     if ns.json is not None:
         ns.json.parent.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,14 @@ def test_step_time_tiny_json(tmp_path):
     assert by_method["ideal"]["ratio_ideal"] == 1.0
     assert by_method["ideal-lean"]["ratio_ideal_lean"] == 1.0
 
+    cb = by_method["curveball"]["median_s"]
+    expected = (
+        f"| tiny | {cb / by_method['ideal']['median_s']:.2f} | "
+        f"{cb / by_method['sgd']['median_s']:.2f} | "
+        f"{by_method['curveball-double-backward']['median_s'] / cb:.2f} |"
+    )
+    assert expected in step_time.format_targets(result).splitlines()
+
 
 @pytest.mark.parametrize("lean", [False, True])
 def test_ideal_step_matches_plain_autograd(lean):
