@@ -278,9 +278,9 @@ class CurveBall(torch.optim.Optimizer):
         return ForwardModeEngine(self._params, self._tensors)
 
     # ------------------------------------------------------------------ step
-    def _linearize(self, model_fn, zs, buffers_before):
+    def _linearize(self, model_fn, zs, buffers_before, jvp_follows: bool):
         try:
-            return self._engine.linearize(model_fn, zs)
+            return self._engine.linearize(model_fn, zs, jvp_follows=jvp_follows)
         except ForwardModeUnsupported as error:
             if self.forward_mode == "forward":
                 raise
@@ -298,7 +298,7 @@ class CurveBall(torch.optim.Optimizer):
             self._fell_back = True
             self._engine = self._make_engine()
             try:
-                return self._engine.linearize(model_fn, zs)
+                return self._engine.linearize(model_fn, zs, jvp_follows=jvp_follows)
             except DoubleBackwardUnsupported:
                 # Neither path works (e.g. a torch.compile'd module): keep forward mode for
                 # later calls, which may run a model that supports it.
@@ -334,8 +334,13 @@ class CurveBall(torch.optim.Optimizer):
         if self._tensors is not None and self._tensors.buffer_slots:
             buffers_before = [b.clone() for b in self._tensors.current_buffers()]
 
+        auto_sizes = self.momentum is None or self.beta is None
+        trial = self.auto_lambda and step % self.lambda_interval == 0
+        refresh = trial or (
+            auto_sizes and (self._last_sizes is None or (step - 1) % self.step_size_interval == 0)
+        )
         try:
-            y, jz = self._linearize(model_fn, zs, buffers_before)
+            y, jz = self._linearize(model_fn, zs, buffers_before, refresh)
             loss = LossDerivatives(loss_fn, y)
             j_loss = loss.grad.detach()
             h_jz = loss.hvp(jz)
@@ -355,12 +360,6 @@ class CurveBall(torch.optim.Optimizer):
                         [dz[i] for i in members], [zs[i] for i in members], alpha=factor
                     )
 
-            auto_sizes = self.momentum is None or self.beta is None
-            trial = self.auto_lambda and step % self.lambda_interval == 0
-            refresh = trial or (
-                auto_sizes
-                and (self._last_sizes is None or (step - 1) % self.step_size_interval == 0)
-            )
             # Data-dependent scalars (averaged over processes) ...
             data = [loss.loss.to(torch.float64), _finite_flag(y)]
             if refresh:

@@ -215,3 +215,30 @@ def test_a_curveball_step_runs_only_the_necessary_convolutions():
         opt.step(lambda: model(x), lambda y: F.cross_entropy(y, t))
     counts = {e.key: e.count for e in prof.key_averages()}
     assert counts["aten::convolution"] == 8
+
+
+@pytest.mark.parametrize("jvp_follows", [True, False])
+def test_engine_keeps_records_only_when_a_second_product_follows(jvp_follows):
+    from torch import nn
+
+    from curveball.curvature.forward_mode import ForwardModeEngine
+    from curveball.curvature.substitution import ModuleTensors
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 2)).double()
+    params = list(model.parameters())
+    x = randn(4, 2, 4, 4)
+    engine = ForwardModeEngine(params, ModuleTensors(model, params))
+    engine.linearize(lambda: model(x), [randn(*p.shape) for p in params], jvp_follows=jvp_follows)
+    assert (len(engine._records) == 2) is jvp_follows  # conv and linear, or nothing
+    v = [randn(*p.shape) for p in params]
+    got = engine.jvp(v)  # still right without records: the layers are computed
+    engine.finish()
+    _, expected = torch.func.jvp(
+        lambda *w: torch.func.functional_call(
+            model, dict(zip([n for n, _ in model.named_parameters()], w, strict=True)), (x,)
+        ),
+        tuple(p.detach() for p in params),
+        tuple(v),
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -40,7 +40,9 @@ class DoubleBackwardEngine(JacobianEngine):
         self._backward: list[torch.Tensor] = []  # Jᵀ dummy, per used parameter
         self._used: list[int] = []
 
-    def linearize(self, model_fn: ModelFn, tangents: Sequence[torch.Tensor]):
+    def linearize(
+        self, model_fn: ModelFn, tangents: Sequence[torch.Tensor], *, jvp_follows: bool = True
+    ):
         self._model_fn = model_fn
         self._record_rng(before=True)
         with torch.enable_grad():

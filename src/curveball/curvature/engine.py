@@ -67,11 +67,15 @@ class JacobianEngine(ABC):
         self._rng_after: RngSnapshot | None = None
 
     @abstractmethod
-    def linearize(self, model_fn: ModelFn, tangents: Sequence[torch.Tensor]):
+    def linearize(
+        self, model_fn: ModelFn, tangents: Sequence[torch.Tensor], *, jvp_follows: bool = True
+    ):
         """Run ``model_fn`` and return ``(y, J t)``.
 
         ``y`` are the predictions, still attached to the autograd graph so that
         :meth:`vjp` can back-propagate through them; ``J t`` is detached.
+        ``jvp_follows=False`` promises that :meth:`jvp` will not be called at this
+        point, so nothing needs to be kept for it.
         """
 
     @abstractmethod

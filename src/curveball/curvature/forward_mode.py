@@ -50,11 +50,11 @@ class ForwardModeEngine(JacobianEngine):
         self._predictions: torch.Tensor | None = None
         self._records: list | None = None  # primal layer outputs of the first pass
 
-    def _dual_pass(self, tangents: Sequence[torch.Tensor], first: bool):
+    def _dual_pass(self, tangents: Sequence[torch.Tensor], first: bool, record: bool = False):
         assert self.tensors is not None and self._model_fn is not None
         with fwAD.dual_level() as level:
             duals = [fwAD.make_dual(p, t) for p, t in zip(self.params, tangents, strict=True)]
-            rules = LeanTangents(level, replay=None if first else self._records, record=first)
+            rules = LeanTangents(level, replay=None if first else self._records, record=record)
             try:
                 if first:  # real buffers, randomness as it comes
                     with self.tensors.substituted(duals), rules:
@@ -72,11 +72,13 @@ class ForwardModeEngine(JacobianEngine):
             tangent = torch.zeros_like(primal)
         return primal, tangent.detach()
 
-    def linearize(self, model_fn: ModelFn, tangents: Sequence[torch.Tensor]):
+    def linearize(
+        self, model_fn: ModelFn, tangents: Sequence[torch.Tensor], *, jvp_follows: bool = True
+    ):
         self._model_fn = model_fn
         self._record_rng(before=True)
         with torch.enable_grad():
-            primal, tangent = self._dual_pass(tangents, first=True)
+            primal, tangent = self._dual_pass(tangents, first=True, record=jvp_follows)
         self._record_rng(before=False)
         self._predictions = primal
         return primal, tangent
