@@ -208,3 +208,17 @@ def test_ddp_wrapper_is_refused_with_advice():
 
     with pytest.raises(TypeError, match=r"\.module"):
         CurveBall(FakeDDP())
+
+
+def test_z_buffers_are_updated_in_place_and_laid_out_like_their_parameters():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 3))
+    model[0].weight.data = model[0].weight.data.contiguous(memory_format=torch.channels_last)
+    opt = CurveBall(model)
+    x, t = torch.randn(8, 2, 4, 4), torch.randint(0, 3, (8,))
+    opt.step(lambda: model(x), lambda y: F.cross_entropy(y, t))
+    buffers = {p: opt.state[p]["z"] for p in model.parameters()}
+    for _ in range(6):  # crosses a trust-region test (step 5)
+        opt.step(lambda: model(x), lambda y: F.cross_entropy(y, t))
+    for p, z in buffers.items():
+        assert opt.state[p]["z"] is z  # like momentum buffers: the same tensors, updated
+        assert z.stride() == p.stride() and z.abs().sum() > 0

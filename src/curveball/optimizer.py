@@ -379,8 +379,8 @@ class CurveBall(torch.optim.Optimizer):
             if refresh:
                 pairs += [(zs, dz), (zs, zs)]
                 if decayed:
-                    ws_ = [p.detach() for p in params]
-                    pairs += [(ws_, dz), (ws_, zs)]
+                    weights = [p.detach() for p in params]
+                    pairs += [(weights, dz), (weights, zs)]
             dots = space.group_dots(pairs)
             host = torch.cat([data_vec, dots.reshape(-1).to(data_vec.device)]).tolist()  # one sync
             loss.release()
@@ -508,9 +508,7 @@ class CurveBall(torch.optim.Optimizer):
         ratio = trust_ratio(trial_value - info.loss, info.predicted_change)
         omega = self.lambda_factor**self.lambda_interval
         self.lambd = adjust_damping(self.lambd, ratio, self.lambda_thresholds, omega)
-        for p, z in zip(self._params, new_z, strict=True):
-            self.state[p]["z"] = z
-        self._zs = new_z
+        torch._foreach_copy_(self._zs, new_z)  # in place: state["z"] keeps its tensors
         if self.momentum is None or self.beta is None:
             self._last_sizes = (info.rho, info.beta)
         with torch.no_grad():
