@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
-METHODS = {"sgd", "adam", "curveball", "curveball-double-backward", "ideal", "ideal-lean"}
+METHODS = {
+    "sgd",
+    "adam",
+    "curveball",
+    "curveball-double-backward",
+    "older-double-backward",
+    "ideal",
+    "ideal-lean",
+}
 ROW_KEYS = {
     "model",
     "method",
@@ -72,7 +80,8 @@ def test_step_time_tiny_json(tmp_path):
     expected = (
         f"| tiny | {cb / by_method['ideal']['median_s']:.2f} | "
         f"{cb / by_method['sgd']['median_s']:.2f} | "
-        f"{by_method['curveball-double-backward']['median_s'] / cb:.2f} |"
+        f"{by_method['curveball-double-backward']['median_s'] / cb:.2f} | "
+        f"{by_method['older-double-backward']['median_s'] / cb:.2f} |"
     )
     assert expected in step_time.format_targets(result).splitlines()
 
@@ -94,3 +103,29 @@ def test_ideal_step_matches_plain_autograd(lean):
     assert len(grads) == len(expected)
     for g, e in zip(grads, expected, strict=True):
         torch.testing.assert_close(g, e)
+
+
+def test_older_double_backward_step_is_a_curveball_step():
+    """The reference contender takes the library's steps (λ fixed at 1, no trust-region test)."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from curveball import CurveBall
+
+    step_time = _load_script()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)
+    ).double()
+    twin = copy.deepcopy(model)
+    x = torch.randn(9, 5, dtype=torch.float64)
+    t = torch.randint(0, 3, (9,))
+    older = step_time._older_step(model, x, t)
+    opt = CurveBall(twin, auto_lambda=False)
+    for _ in range(4):
+        older()
+        opt.step(lambda: twin(x), lambda y: F.cross_entropy(y, t))
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10)
