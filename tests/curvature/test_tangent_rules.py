@@ -242,3 +242,20 @@ def test_engine_keeps_records_only_when_a_second_product_follows(jvp_follows):
         tuple(v),
     )
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_frozen_parameter_operand_is_handled_like_a_tensor():
+    """A trainable weight with a frozen ``nn.Parameter`` bias still gets the lean rule."""
+    x, xt = randn(4, 5), randn(4, 5)
+    w, wt = randn(3, 5), randn(3, 5)
+    bias = torch.nn.Parameter(randn(3), requires_grad=False)
+
+    def fn(x, w):
+        return F.linear(x, w, bias)
+
+    expected = run(fn, [x, w], [xt, wt])
+    rules = LeanTangents(0, record=True)
+    got = run(fn, [x, w], [xt, wt], rules)
+    assert len(rules.records) == 1
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=1e-12)

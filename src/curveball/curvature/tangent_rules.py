@@ -71,6 +71,11 @@ class Record:
         return all(t._version == v for t, v in zip(self.tensors, self.versions, strict=True))
 
 
+def _plain(t: Any) -> bool:
+    """A dense tensor or parameter (tensor subclasses are left to their own rules)."""
+    return type(t) is torch.Tensor or type(t) is torch.nn.Parameter
+
+
 def _storage_key(t: torch.Tensor | None) -> tuple[Any, ...] | None:
     return None if t is None else (t.data_ptr(), t._version, tuple(t.shape), t.dtype)
 
@@ -117,7 +122,7 @@ class LeanTangents(TorchFunctionMode):
             self.records.append(Record(key, kept, tuple(t._version for t in kept)))
 
     def _unpack(self, t: Any) -> tuple[Any, torch.Tensor | None]:
-        if type(t) is not torch.Tensor:
+        if not _plain(t):
             return t, None
         unpacked = fwAD.unpack_dual(t, level=self.level)
         return unpacked.primal, unpacked.tangent
@@ -144,10 +149,8 @@ class LeanTangents(TorchFunctionMode):
         else:
             b, rest = kwargs.get("bias"), ()
         rest_kwargs = {k: v for k, v in kwargs.items() if k != "bias"}
-        if type(x) is not torch.Tensor or type(w) is not torch.Tensor:
-            return None
-        if b is not None and type(b) is not torch.Tensor:
-            return None
+        if not (_plain(x) and _plain(w) and (b is None or _plain(b))):
+            return None  # tensor subclasses keep their own rules
         xp, xt = self._unpack(x)
         wp, wt = self._unpack(w)
         bp, bt = self._unpack(b)
