@@ -52,10 +52,6 @@ class ParamSpace:
             buckets.setdefault((p.device, p.dtype), []).append(i)
         self._buckets = list(buckets.values())
 
-    def zeros_like(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """A zero vector laid out like ``params``."""
-        return [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
-
     def group_dots(
         self, pairs: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]]
     ) -> torch.Tensor:
