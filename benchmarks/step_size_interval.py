@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
+from statistics import median
 
 import torch
 
@@ -119,9 +119,6 @@ def run(args: list[str] | None = None) -> dict:
             for seed in range(ns.seeds)
         ]
         steps = len(logs[0].batch_loss)
-
-        def median(values: list[float]) -> float:
-            return statistics.median(values)
 
         row = {
             "k": k,

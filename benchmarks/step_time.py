@@ -397,8 +397,8 @@ def parse_args(args: list[str] | None) -> argparse.Namespace:
     return ns
 
 
-def _ratio(value: float, ref: float | None) -> float | None:
-    return value / ref if ref else None
+def _ratio(value: float | None, ref: float | None) -> float | None:
+    return value / ref if value is not None and ref else None
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -436,7 +436,7 @@ def format_targets(result: dict) -> str:
         cb = m.get("curveball")
 
         def ratio(a: float | None, b: float | None) -> str:
-            return "-" if a is None or not b else f"{a / b:.2f}"
+            return _fmt(_ratio(a, b), ".2f")
 
         lines.append(
             f"| {model} | {ratio(cb, m.get('ideal'))} | {ratio(cb, m.get('sgd'))} | "

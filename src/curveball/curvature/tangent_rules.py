@@ -30,6 +30,7 @@ changes the cost of the pass, never its result.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,10 +117,16 @@ class LeanTangents(TorchFunctionMode):
         self._replay = None  # out of step with the recording: compute from here on
         return None
 
-    def _keep(self, key: tuple[Any, ...], *tensors: torch.Tensor) -> None:
+    def _primal(self, key: tuple[Any, ...], compute: Callable[[], Any]) -> tuple[torch.Tensor, ...]:
+        """The recorded results for ``key`` if replaying, else ``compute()``; kept if recording."""
+        tensors = self._reuse(key)
+        if tensors is None:
+            out = compute()
+            tensors = tuple(out) if isinstance(out, tuple) else (out,)
         if self._record:
             kept = tuple(t.detach() for t in tensors)
             self.records.append(Record(key, kept, tuple(t._version for t in kept)))
+        return tensors
 
     def _unpack(self, t: Any) -> tuple[Any, torch.Tensor | None]:
         if not _plain(t):
@@ -164,9 +171,7 @@ class LeanTangents(TorchFunctionMode):
             _storage_key(bp),
             _options_key(rest, rest_kwargs),
         )
-        reused = self._reuse(key)
-        primal = reused[0] if reused else func(xp, wp, bp, *rest, **rest_kwargs)
-        self._keep(key, primal)
+        (primal,) = self._primal(key, lambda: func(xp, wp, bp, *rest, **rest_kwargs))
         with torch.no_grad():
             tangent = func(xp, wt, bt, *rest, **rest_kwargs)
             if xt is not None:
@@ -188,12 +193,7 @@ class LeanTangents(TorchFunctionMode):
         return_indices = return_indices or func in _WITH_INDICES
         dims = _MAX_POOL[func]
         key = (dims, tuple(xp.shape), xp.dtype, _options_key(tuple(options), kw))
-        reused = self._reuse(key)
-        if reused:
-            primal, indices = reused
-        else:
-            primal, indices = _WITH_INDICES[dims - 1](xp, *options, **kw)
-        self._keep(key, primal, indices)
+        primal, indices = self._primal(key, lambda: _WITH_INDICES[dims - 1](xp, *options, **kw))
         with torch.no_grad():
             tangent = xt.flatten(-dims).gather(-1, indices.flatten(-dims)).view(primal.shape)
         out = fwAD.make_dual(primal, tangent, level=self.level)
@@ -206,9 +206,7 @@ class LeanTangents(TorchFunctionMode):
         if xt is None:
             return None
         key = (func, tuple(xp.shape), xp.dtype, _options_key(args[1:], kwargs))
-        reused = self._reuse(key)
-        primal = reused[0] if reused else func(xp, *args[1:], **kwargs)
-        self._keep(key, primal)
+        (primal,) = self._primal(key, lambda: func(xp, *args[1:], **kwargs))
         with torch.no_grad():
             tangent = func(xt, *args[1:], **kwargs)
         return fwAD.make_dual(primal, tangent, level=self.level)
