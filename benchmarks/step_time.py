@@ -234,15 +234,16 @@ def _older_step(model: nn.Module, x, t) -> Callable[[], object]:
 
 def _ideal_step(model: nn.Module, x, t, seed: int, lean: bool) -> Callable[[], object]:
     """The bare AD work of a CurveBall step: JVP + VJP through one graph, then one more JVP."""
-    from curveball.curvature.tangent_rules import LeanTangents
+    from curveball._curvature.lean_rules import LeanTangents
 
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(seed + 2)
     tangents = [torch.randn(p.shape, generator=gen).to(p) for p in params]
 
-    def dual_params() -> dict[str, torch.Tensor]:
-        return {n: fwAD.make_dual(p, v) for n, p, v in zip(names, params, tangents, strict=True)}
+    def dual_params(detached: bool = False) -> dict[str, torch.Tensor]:
+        primals = [p.detach() for p in params] if detached else params
+        return {n: fwAD.make_dual(p, v) for n, p, v in zip(names, primals, tangents, strict=True)}
 
     # Fixed vector for the backward pass, shaped like the output (the role of H_L J v + g).
     with torch.no_grad():
@@ -261,8 +262,9 @@ def _ideal_step(model: nn.Module, x, t, seed: int, lean: bool) -> Callable[[], o
         # roughly doubling its cost for nothing.
         grads = torch.autograd.grad(primal, params, grad_outputs=grad_out)
         records = first.records if lean else None
-        with fwAD.dual_level() as level, torch.no_grad(), rules(level, replay=records):
-            out2 = functional_call(model, dual_params(), (x,))
+        # Detached parameters record no graph; grad mode stays on, as in the library's pass.
+        with fwAD.dual_level() as level, rules(level, replay=records):
+            out2 = functional_call(model, dual_params(detached=True), (x,))
             tangent2 = fwAD.unpack_dual(out2).tangent
         if tangent is None or tangent2 is None:
             raise RuntimeError("forward-mode AD produced no tangent for the model output")

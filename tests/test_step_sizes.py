@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from curveball.damping import adjust_damping, trust_ratio
-from curveball.step_sizes import solve_step_sizes
+from curveball._damping import adjust_damping, trust_ratio
+from curveball._quadratic_model import solve_step_sizes
 
 finite = st.floats(-10.0, 10.0, allow_nan=False, allow_infinity=False)
 

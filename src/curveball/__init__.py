@@ -5,11 +5,22 @@ solvers for Deep Learning", ICCV 2019) keeps a running estimate of the Newton
 step, improves it by one step of gradient descent on the quadratic model per
 iteration, and moves the parameters along it; curvature products come from
 true forward-mode automatic differentiation.
+
+The public API is what this module exports; every module whose name starts
+with an underscore is internal and may change between releases.
 """
 
-from curveball.curvature.ggn import ggn_vector_product
-from curveball.optimizer import CurveBall, StepInfo
+from curveball._curvature.engine import DoubleBackwardUnsupported
+from curveball._curvature.ggn import ggn_vector_product
+from curveball._optimizer import CurveBall
+from curveball._step_info import StepInfo
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["CurveBall", "StepInfo", "__version__", "ggn_vector_product"]
+__all__ = [
+    "CurveBall",
+    "DoubleBackwardUnsupported",
+    "StepInfo",
+    "__version__",
+    "ggn_vector_product",
+]

@@ -13,7 +13,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
-from curveball.curvature.tangent_rules import LeanTangents
+from curveball._curvature.lean_rules import LeanTangents
 
 gen = torch.Generator().manual_seed(0)
 
@@ -221,8 +221,8 @@ def test_a_curveball_step_runs_only_the_necessary_convolutions():
 def test_engine_keeps_records_only_when_a_second_product_follows(jvp_follows):
     from torch import nn
 
-    from curveball.curvature.forward_mode import ForwardModeEngine
-    from curveball.curvature.substitution import ModuleTensors
+    from curveball._curvature.forward_mode import ForwardModeEngine
+    from curveball._curvature.module_tensors import ModuleTensors
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 2)).double()

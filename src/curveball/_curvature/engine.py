@@ -1,4 +1,4 @@
-"""The interface shared by the Jacobian-product engines."""
+"""The interface shared by the Jacobian-product engines, and the errors they raise."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from curveball.curvature.substitution import ModuleTensors
-from curveball.randomness import RngSnapshot
+from curveball._curvature.module_tensors import ModuleTensors
+from curveball._undo import RngSnapshot, buffers_kept
 
 ModelFn = Callable[[], torch.Tensor]
+
+
+class DoubleBackwardUnsupported(RuntimeError):
+    """Neither forward-mode AD nor a differentiable backward pass works through the model."""
 
 
 def check_predictions(out: object) -> torch.Tensor:
@@ -22,6 +26,16 @@ def check_predictions(out: object) -> torch.Tensor:
     if not out.is_floating_point():
         raise TypeError(f"model_fn must return floating-point predictions, got dtype {out.dtype}")
     return out
+
+
+def independent_predictions() -> ValueError:
+    """The error for predictions that do not depend on the optimized parameters."""
+    return ValueError(
+        "model_fn: the predictions do not depend on the optimized parameters, so there is "
+        "nothing to optimize. Check that model_fn does not run under torch.inference_mode() or "
+        "torch.no_grad(), does not detach its output, and that the parameters given to the "
+        "optimizer are the ones the model uses (with requires_grad=True)."
+    )
 
 
 def owned_like(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]):
@@ -51,7 +65,7 @@ class JacobianEngine(ABC):
 
     One CurveBall iteration calls :meth:`linearize` once (the pass that produces
     the predictions), then any number of :meth:`vjp` and :meth:`jvp` at that same
-    point and batch, optionally :meth:`evaluate` at other parameter values, and
+    point and batch, optionally :meth:`evaluate` at the (moved) parameters, and
     finally :meth:`finish`.
 
     Args:
@@ -76,6 +90,9 @@ class JacobianEngine(ABC):
         :meth:`vjp` can back-propagate through them; ``J t`` is detached.
         ``jvp_follows=False`` promises that :meth:`jvp` will not be called at this
         point, so nothing needs to be kept for it.
+
+        Raises:
+            ValueError: if the predictions do not depend on the parameters.
         """
 
     @abstractmethod
@@ -112,19 +129,14 @@ class JacobianEngine(ABC):
             return check_predictions(self._model_fn())
 
     @torch.no_grad()
-    def evaluate(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Predictions on the same batch at parameters ``values`` (no graph, buffers untouched)."""
+    def evaluate(self) -> torch.Tensor:
+        """Predictions on the same batch at the current parameters (buffers untouched)."""
         if self.tensors is not None:
-            return self.rerun(values)
-        # Bare parameters: write the trial values in, run, and put the old ones back.
+            return self.rerun(None)
         assert self._model_fn is not None and self._rng_before is not None
-        saved = [p.detach().clone() for p in self.params]
-        torch._foreach_copy_(self.params, list(values))
-        try:
-            self._rng_before.restore()
+        self._rng_before.restore()
+        with buffers_kept():
             return check_predictions(self._model_fn())
-        finally:
-            torch._foreach_copy_(self.params, saved)
 
     def abort(self) -> None:
         """Give up the current iteration: rewind the random generators to before it."""

@@ -1,4 +1,4 @@
-"""The trust-region rule that adapts the damping λ (Levenberg-Marquardt style).
+"""The damping rule: how λ adapts (trust region, Levenberg-Marquardt style).
 
 Every ``T`` steps the loss is evaluated at the new parameters on the same batch
 and compared with the change that the quadratic model predicted:
@@ -8,12 +8,22 @@ and compared with the change that the quadratic model predicted:
 If the model was too optimistic (``r`` below the lower threshold) the damping
 grows, ``λ ← λ / ω``; if the loss fell by more than predicted (``r`` above the
 upper threshold) it shrinks, ``λ ← λ ω``; with ``ω = factor ** T``
-(Henriques et al., ICCV 2019, section 3.3; Martens 2010).
+(Henriques et al., ICCV 2019, section 3.3; Martens 2010). A step that had to be
+skipped (a non-finite value) counts as a failed test. A multiplicative rule
+never leaves ``λ = 0``, so growth from zero starts at :data:`LAMBDA_FLOOR`.
 """
 
 from __future__ import annotations
 
 import math
+
+LAMBDA_FLOOR = 1e-8
+"""The damping that a failed test gives when λ was 0."""
+
+
+def omega(factor: float, interval: int) -> float:
+    """``ω = factor ** T``: the change of λ per trust-region test."""
+    return factor**interval
 
 
 def trust_ratio(actual_change: float, predicted_change: float) -> float | None:
@@ -21,6 +31,13 @@ def trust_ratio(actual_change: float, predicted_change: float) -> float | None:
     if predicted_change == 0.0:
         return None
     return actual_change / predicted_change
+
+
+def raise_damping(lambd: float, omega: float) -> float:
+    """``λ / ω``, starting from :data:`LAMBDA_FLOOR` when λ is 0 (``ω = 1`` keeps λ)."""
+    if omega >= 1.0:
+        return lambd
+    return max(lambd / omega, LAMBDA_FLOOR)
 
 
 def adjust_damping(
@@ -42,7 +59,7 @@ def adjust_damping(
     if ratio is None:
         return lambd
     if not math.isfinite(ratio) or ratio < low:
-        return lambd / omega
+        return raise_damping(lambd, omega)
     if ratio > high:
         return lambd * omega
     return lambd

@@ -15,6 +15,10 @@ does it more cheaply, with identical results:
   (CurveBall never differentiates a tangent).
 * Max pooling has the tangent ``ẋ`` gathered at the arg-max positions.
 * Average pooling is linear: the tangent is the pooled ``ẋ``.
+* Inside a ``torch.no_grad()`` block of the model, every operation runs on
+  the primal values alone: forward-mode AD ignores ``no_grad`` by itself, but
+  the reverse-mode gradient (and so ``Δz``) treats such a block as constant,
+  and both must differentiate the same function.
 
 *Replay.* The second forward-mode pass of an iteration runs at the same
 parameters, on the same batch and with the same random draws as the first, so
@@ -38,6 +42,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 _BILINEAR = frozenset({F.linear, F.conv1d, F.conv2d, F.conv3d})
 _WITH_INDICES = (F.max_pool1d_with_indices, F.max_pool2d_with_indices, F.max_pool3d_with_indices)
@@ -86,7 +91,7 @@ def _options_key(args: tuple, kwargs: dict) -> str:
 
 
 class LeanTangents(TorchFunctionMode):
-    """Forward-mode rules for linear, convolution and pooling layers (see the module doc).
+    """Forward-mode rules for the layers that dominate a pass (see the module doc).
 
     Args:
         level: the forward-AD level whose tangents are handled.
@@ -134,9 +139,14 @@ class LeanTangents(TorchFunctionMode):
         unpacked = fwAD.unpack_dual(t, level=self.level)
         return unpacked.primal, unpacked.tangent
 
+    def _primal_only(self, t: Any) -> Any:
+        return fwAD.unpack_dual(t, level=self.level).primal if _plain(t) else t
+
     # ----------------------------------------------------------------- rules
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not torch.is_grad_enabled():  # a no_grad block of the model: no tangents either
+            return func(*tree_map(self._primal_only, args), **tree_map(self._primal_only, kwargs))
         if func in _BILINEAR:
             out = self._bilinear(func, args, kwargs)
         elif func in _MAX_POOL:

@@ -5,10 +5,12 @@ The parameters are replaced, inside the module, by dual tensors ``w + ε t``
 ``y`` and their directional derivative ``J t``. With gradients enabled the same
 pass also records the ordinary autograd graph of ``y``, which the backward pass
 ``Jᵀ u`` then uses: no separate plain forward pass is needed. A second
-forward-mode pass, with gradients disabled, gives ``J v`` for another tangent.
-Both passes run under :class:`~curveball.curvature.tangent_rules.LeanTangents`:
-linear, convolution and pooling layers skip products with zero tangents, and
-the second pass reuses the first pass's primal outputs of those layers.
+forward-mode pass, on detached parameters (so no graph is recorded), gives
+``J v`` for another tangent. Both passes run under
+:class:`~curveball._curvature.lean_rules.LeanTangents`: lean rules for the
+layers that dominate a pass, replay of the first pass's primal results in the
+second, and ``torch.no_grad()`` blocks inside the model stopping tangents as
+they stop gradients.
 """
 
 from __future__ import annotations
@@ -18,26 +20,19 @@ from collections.abc import Sequence
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from curveball.curvature.engine import JacobianEngine, ModelFn, check_predictions, owned_like
-from curveball.curvature.substitution import ModuleTensors
-from curveball.curvature.tangent_rules import LeanTangents
-
-_UNSUPPORTED_MARKERS = ("forward AD", "forward-mode", "forward mode", "jvp", "fw_grad")
-# e.g. "Trying to use forward AD with X that does not support it because it has not been
-# implemented yet" or "You must implement the jvp function for custom autograd.Function"
-
-
-class ForwardModeUnsupported(RuntimeError):
-    """Raised when an operation in the model has no forward-mode derivative."""
-
-
-def _is_unsupported(error: BaseException) -> bool:
-    text = str(error)
-    return "implement" in text.lower() and any(m in text for m in _UNSUPPORTED_MARKERS)
+from curveball._curvature.engine import (
+    JacobianEngine,
+    ModelFn,
+    check_predictions,
+    independent_predictions,
+    owned_like,
+)
+from curveball._curvature.lean_rules import LeanTangents
+from curveball._curvature.module_tensors import ModuleTensors
 
 
 class ForwardModeEngine(JacobianEngine):
-    """:class:`~curveball.curvature.engine.JacobianEngine` with dual numbers.
+    """:class:`~curveball._curvature.engine.JacobianEngine` with dual numbers.
 
     Args:
         params: the trainable parameters.
@@ -52,24 +47,22 @@ class ForwardModeEngine(JacobianEngine):
 
     def _dual_pass(self, tangents: Sequence[torch.Tensor], first: bool, record: bool = False):
         assert self.tensors is not None and self._model_fn is not None
-        with fwAD.dual_level() as level:
-            duals = [fwAD.make_dual(p, t) for p, t in zip(self.params, tangents, strict=True)]
+        with fwAD.dual_level() as level, torch.enable_grad():
+            primals = self.params if first else [p.detach() for p in self.params]
+            duals = [fwAD.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)]
             rules = LeanTangents(level, replay=None if first else self._records, record=record)
-            try:
-                if first:  # real buffers, randomness as it comes
-                    with self.tensors.substituted(duals), rules:
-                        out = check_predictions(self._model_fn())
-                    self._records = rules.records
-                else:
-                    with rules:
-                        out = self.rerun(duals)
-            except (RuntimeError, NotImplementedError) as error:
-                if _is_unsupported(error):
-                    raise ForwardModeUnsupported(str(error)) from error
-                raise
+            if first:  # real buffers, randomness as it comes
+                with self.tensors.substituted(duals), rules:
+                    out = check_predictions(self._model_fn())
+                self._records = rules.records
+            else:
+                with rules:
+                    out = self.rerun(duals)
             primal, tangent = fwAD.unpack_dual(out)
-        if tangent is None:  # the predictions do not depend on the parameters
-            tangent = torch.zeros_like(primal)
+        if tangent is None:
+            if first and not primal.requires_grad:
+                raise independent_predictions()
+            tangent = torch.zeros_like(primal)  # no parameter reaches the predictions in J
         return primal, tangent.detach()
 
     def linearize(
@@ -77,8 +70,7 @@ class ForwardModeEngine(JacobianEngine):
     ):
         self._model_fn = model_fn
         self._record_rng(before=True)
-        with torch.enable_grad():
-            primal, tangent = self._dual_pass(tangents, first=True, record=jvp_follows)
+        primal, tangent = self._dual_pass(tangents, first=True, record=jvp_follows)
         self._record_rng(before=False)
         self._predictions = primal
         return primal, tangent
@@ -92,8 +84,7 @@ class ForwardModeEngine(JacobianEngine):
         return owned_like(grads, self.params)
 
     def jvp(self, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
-        with torch.no_grad():
-            _, tangent = self._dual_pass(tangents, first=False)
+        _, tangent = self._dual_pass(tangents, first=False)
         return tangent
 
     def finish(self) -> None:

@@ -5,7 +5,7 @@ With ``g(u) = Jᵀ u`` computed by a backward pass that keeps its own graph,
 One forward pass and one backward pass that keeps its graph serve every
 product of an iteration, but each product then traverses that second-order
 graph, which costs more than a forward-mode pass (and the lean rules of
-:mod:`curveball.curvature.tangent_rules` do not apply). It serves models with
+:mod:`curveball._curvature.lean_rules` do not apply). It serves models with
 operations that have no forward-mode formula, and optimizers built from bare
 parameters.
 """
@@ -16,14 +16,16 @@ from collections.abc import Sequence
 
 import torch
 
-from curveball.curvature.engine import JacobianEngine, ModelFn, check_predictions, owned_like
+from curveball._curvature.engine import (
+    DoubleBackwardUnsupported,
+    JacobianEngine,
+    ModelFn,
+    check_predictions,
+    independent_predictions,
+    owned_like,
+)
 
-
-class DoubleBackwardUnsupported(RuntimeError):
-    """Raised when the model's backward pass cannot itself be differentiated."""
-
-
-_COMPILED_HINT = (
+_UNSUPPORTED = (
     "CurveBall cannot compute Jacobian products through this model: it has no forward-mode "
     "derivative and its backward pass cannot be differentiated again ({}). This is the case "
     "for torch.compile'd modules; run CurveBall on the uncompiled module."
@@ -31,7 +33,12 @@ _COMPILED_HINT = (
 
 
 class DoubleBackwardEngine(JacobianEngine):
-    """:class:`~curveball.curvature.engine.JacobianEngine` from reverse mode only."""
+    """:class:`~curveball._curvature.engine.JacobianEngine` from reverse mode only.
+
+    Errors raised by ``model_fn`` itself propagate unchanged; an error raised
+    while differentiating the backward pass becomes
+    :class:`~curveball._curvature.engine.DoubleBackwardUnsupported`.
+    """
 
     def __init__(self, params, tensors=None) -> None:
         super().__init__(params, tensors)
@@ -48,31 +55,22 @@ class DoubleBackwardEngine(JacobianEngine):
         with torch.enable_grad():
             y = check_predictions(model_fn())
             self._record_rng(before=False)
+            if not y.requires_grad:
+                raise independent_predictions()
             self._predictions = y
-            self._used = []
-            self._backward = []
+            self._dummy = torch.zeros_like(y, requires_grad=True)
             try:
-                if y.requires_grad:
-                    self._dummy = torch.zeros_like(y, requires_grad=True)
-                    grads = torch.autograd.grad(
-                        y, self.params, self._dummy, create_graph=True, allow_unused=True
-                    )
-                    for i, g in enumerate(grads):
-                        if g is not None and g.requires_grad:
-                            self._used.append(i)
-                            self._backward.append(g)
-                return y, self.jvp(tangents)  # the first product differentiates the backward
+                grads = torch.autograd.grad(
+                    y, self.params, self._dummy, create_graph=True, allow_unused=True
+                )
             except RuntimeError as error:
-                text = str(error)
-                if "double backward" in text or "create_graph" in text:
-                    first = text.strip().splitlines()[0]
-                    raise DoubleBackwardUnsupported(_COMPILED_HINT.format(first)) from error
-                raise
+                raise DoubleBackwardUnsupported(_UNSUPPORTED.format(_first_line(error))) from error
+            self._used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            self._backward = [grads[i] for i in self._used]
+            return y, self.jvp(tangents)  # the first product differentiates the backward
 
     def vjp(self, cotangent: torch.Tensor) -> list[torch.Tensor]:
         assert self._predictions is not None
-        if not self._predictions.requires_grad:
-            return owned_like([None] * len(self.params), self.params)
         grads = torch.autograd.grad(
             self._predictions, self.params, cotangent, retain_graph=True, allow_unused=True
         )
@@ -82,16 +80,24 @@ class DoubleBackwardEngine(JacobianEngine):
         assert self._predictions is not None
         if not self._used:
             return torch.zeros_like(self._predictions.detach())
-        (out,) = torch.autograd.grad(
-            self._backward,
-            self._dummy,
-            [tangents[i] for i in self._used],
-            retain_graph=True,
-            allow_unused=True,
-        )
+        try:
+            (out,) = torch.autograd.grad(
+                self._backward,
+                self._dummy,
+                [tangents[i] for i in self._used],
+                retain_graph=True,
+                allow_unused=True,
+            )
+        except RuntimeError as error:
+            raise DoubleBackwardUnsupported(_UNSUPPORTED.format(_first_line(error))) from error
         return torch.zeros_like(self._predictions.detach()) if out is None else out.detach()
 
     def finish(self) -> None:
         self._predictions = self._dummy = None
         self._backward = []
         super().finish()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

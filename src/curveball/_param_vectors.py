@@ -5,7 +5,7 @@ like SGD's momentum buffer) and forms a few inner products of such vectors
 every step. Each vector is kept as a list of tensors shaped and strided like
 the parameters: forward-mode AD then takes ``z`` and ``Δz`` as tangents without
 copying them (a tangent must have its parameter's memory layout), and the
-back-propagated ``Jᵀ u`` arrives in exactly that form. :class:`ParamSpace`
+back-propagated ``Jᵀ u`` arrives in exactly that form. :class:`ParamLayout`
 forms the per-group inner products of such lists and averages them over
 processes through one flattened buffer per (device, dtype).
 """
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from curveball.distributed import Averager
+from curveball._distributed import Averager
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -28,7 +28,7 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
-class ParamSpace:
+class ParamLayout:
     """The parameters' layout: their parameter groups, devices and dtypes.
 
     Args:

@@ -1,0 +1,121 @@
+"""The one place that picks a Jacobian engine and falls back from forward mode.
+
+``forward_mode="auto"`` runs the products of a step with true forward-mode AD.
+When that fails with a ``RuntimeError`` or ``NotImplementedError`` — an
+operation without a forward-mode formula, an out= function under dual tensors,
+a non-reentrant activation checkpoint whose recomputation rejects dual tensors,
+whatever the wording — the step is undone (buffers and random generators) and
+attempted once more with the double-backward engine:
+
+* if that succeeds, the failure belonged to forward mode: the step stands, one
+  warning says so, and the following steps use double backward;
+* if it fails inside the model or the loss (the same error without dual
+  tensors), the error is the user's: it is raised as is, without a warning;
+* if the model's backward pass cannot be differentiated either (e.g. a
+  ``torch.compile``'d module), :class:`DoubleBackwardUnsupported` is raised and
+  forward mode stays selected.
+
+A fallback caused by one unusual batch does not pin the optimizer to the slow
+path: after a fallback, forward mode is tried again after ``retry`` steps, with
+``retry`` = 10 at first and doubling (up to 1,000) each time forward mode fails
+again; a success resets it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+
+from curveball._curvature.double_backward import DoubleBackwardEngine
+from curveball._curvature.engine import DoubleBackwardUnsupported, JacobianEngine
+from curveball._curvature.forward_mode import ForwardModeEngine
+from curveball._curvature.module_tensors import ModuleTensors
+
+MODES = ("auto", "forward", "double-backward")
+FIRST_RETRY, MAX_RETRY = 10, 1000
+
+T = TypeVar("T")
+
+
+class EngineChoice:
+    """The engine for each step, and the fallback rule of the module docstring.
+
+    Args:
+        params: the trainable parameters.
+        tensors: where they live in the module, or ``None`` (bare parameters:
+            double backward only).
+        mode: ``"auto"``, ``"forward"`` (never fall back) or ``"double-backward"``.
+        on_fallback: called with a message when a step fell back.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        tensors: ModuleTensors | None,
+        mode: str = "auto",
+        on_fallback: Callable[[str], None] | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"forward_mode: expected one of {MODES}, got {mode!r}")
+        self.mode = mode if tensors is not None else "double-backward"
+        self._forward = ForwardModeEngine(params, tensors) if tensors is not None else None
+        self._double = DoubleBackwardEngine(params, tensors)
+        self._on_fallback = on_fallback
+        self._wait = 0  # steps left on double backward before forward mode is tried again
+        self._retry = FIRST_RETRY
+        self.engine: JacobianEngine = (
+            self._double
+            if self.mode == "double-backward"
+            else (
+                self._forward  # type: ignore[assignment]
+            )
+        )
+        self.fell_back = False  # whether the last run fell back
+
+    def run(self, attempt: Callable[[JacobianEngine], T], undo: Callable[[], None]) -> T:
+        """``attempt(engine)`` with the chosen engine, falling back as documented.
+
+        ``undo`` puts the module's buffers back after a failed attempt (the
+        random generators are rewound here).
+        """
+        self.fell_back = False
+        if self.mode != "auto":
+            return self._attempt(self.engine, attempt)
+        if self._wait > 0:
+            self._wait -= 1
+            return self._attempt(self._double, attempt)
+        assert self._forward is not None
+        try:
+            result = self._attempt(self._forward, attempt)
+        except (RuntimeError, NotImplementedError) as error:
+            forward_error = error
+        else:
+            self._retry = FIRST_RETRY
+            return result
+        undo()
+        try:
+            result = self._attempt(self._double, attempt)
+        except DoubleBackwardUnsupported as error:
+            self.engine = self._forward
+            raise error from forward_error
+        self._wait, self._retry = self._retry, min(2 * self._retry, MAX_RETRY)
+        self.fell_back = True
+        if self._on_fallback is not None:
+            first = str(forward_error).strip().splitlines()
+            reason = first[0] if first else type(forward_error).__name__
+            self._on_fallback(
+                f"CurveBall: forward-mode AD failed in this model ({type(forward_error).__name__}:"
+                f" {reason}); the step was computed with the slower double-backward products, "
+                f"which the next {self._wait} steps use too before forward mode is tried again"
+            )
+        return result
+
+    def _attempt(self, engine: JacobianEngine, attempt: Callable[[JacobianEngine], T]) -> T:
+        self.engine = engine
+        try:
+            return attempt(engine)
+        except BaseException:
+            engine.abort()
+            raise

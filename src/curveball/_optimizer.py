@@ -1,0 +1,581 @@
+"""The CurveBall optimizer (Henriques et al., ICCV 2019, arXiv:1805.08095): the step's stages.
+
+The class keeps the bookkeeping of a ``torch.optim`` optimizer; the maths lives
+in the modules it calls: curvature products in :mod:`curveball._curvature`, the
+2×2 system in :mod:`curveball._quadratic_model`, the damping rule in
+:mod:`curveball._damping`, the step's host values in
+:mod:`curveball._step_scalars`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from curveball import _damping
+from curveball._curvature.engine import JacobianEngine
+from curveball._curvature.engine_choice import MODES, EngineChoice
+from curveball._curvature.forward_mode import ForwardModeEngine
+from curveball._curvature.loss_derivatives import LossDerivatives
+from curveball._curvature.module_tensors import ModuleTensors
+from curveball._distributed import Averager
+from curveball._param_vectors import ParamLayout, dot
+from curveball._quadratic_model import QuadraticModel
+from curveball._state import STATE_KEY, CurveBallState
+from curveball._step_info import StepInfo
+from curveball._step_scalars import StepScalars
+from curveball._undo import BufferSnapshot
+from curveball._warn import OnceWarner
+
+PER_GROUP = ("lr", "weight_decay")
+"""Hyper-parameters that may differ between parameter groups; all others are global."""
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one step computes: its number, λ, whether it solves for ρ, β and tests λ."""
+
+    step: int
+    lambd: float
+    refresh: bool
+    trial: bool
+
+
+@dataclass
+class _Layout:
+    """The trainable parameters, their groups and the engines; rebuilt when the set changes."""
+
+    key: tuple[int, ...]
+    params: list[torch.Tensor]
+    members: list[list[int]]  # per group, the indices of its trainable parameters
+    vectors: ParamLayout
+    tensors: ModuleTensors | None
+    engines: EngineChoice
+    zs: list[torch.Tensor] | None = None
+
+
+@dataclass
+class _Products:
+    """The results of a step's AD passes."""
+
+    predictions: torch.Tensor
+    loss: LossDerivatives
+    dz: list[torch.Tensor]
+    curvature: dict[str, torch.Tensor] | None  # network-side terms of the 2×2 system
+
+
+class CurveBall(torch.optim.Optimizer):
+    r"""CurveBall: a minimal Newton solver interleaved with the parameter updates.
+
+    From "Small steps and giant leaps: Minimal Newton solvers for Deep Learning",
+    J. F. Henriques, S. Ehrhardt, S. Albanie, A. Vedaldi, ICCV 2019
+    (arXiv:1805.08095). With ``J`` the Jacobian of the predictions ``y``,
+    ``J_L``/``H_L`` the gradient/Hessian of the loss in ``y``, ``G = Jᵀ H_L J``
+    and weight decay ``κ``, each step does::
+
+        y, J z   ← one forward pass carrying the tangent z        (forward-mode AD)
+        Δz       ← Jᵀ(H_L J z + J_L) + κ w + (λ + κ) z             (one backward pass)
+        J Δz     ← one more forward-mode pass
+        β, −ρ    ← argmin of the model over span{z, Δz} (2×2 system, float64)
+        z        ← ρ z − β Δz
+        w        ← w + α z
+        every T steps: r = (L(w_new) − L(w_old)) / M(z');
+                       λ ← λ / ω if r < r_low,  λ ← λ ω if r > r_high,  ω = factor^T
+
+    Args:
+        params: an ``nn.Module`` (fast path: true forward-mode AD), or an
+            iterable of parameters or of parameter-group dicts (then pass
+            ``model=`` for the fast path; without it the slower double-backward
+            path is used).
+        lr: α, scales the parameter step (per group; schedulers work as usual).
+        momentum: ρ; ``None`` chooses it automatically at every step.
+        beta: β; ``None`` chooses it automatically at every step.
+        lambd: the initial damping λ ≥ 0.
+        auto_lambda: adapt λ with the trust-region rule.
+        lambda_factor: the per-step factor of the rule, in (0, 1];
+            ``ω = lambda_factor ** lambda_interval``.
+        lambda_thresholds: ``(low, high)`` trust-ratio thresholds, ``low < high``.
+        lambda_interval: T, the number of steps between trust-region tests.
+        weight_decay: κ, L2 penalty ``½ κ ‖w‖²`` (per group), entering both the
+            gradient and the curvature.
+        step_size_interval: solve for ρ and β every this many steps only, and
+            reuse the last values in between (skipping the second forward-mode
+            pass there). Steps with a trust-region test always solve.
+        model: the module owning the parameters, when ``params`` are not a module.
+        forward_mode: ``"auto"`` (forward-mode AD, falling back to double
+            backward as :mod:`curveball._curvature.engine_choice` describes),
+            ``"forward"`` (never fall back) or ``"double-backward"``.
+        process_group: the ``torch.distributed`` group to average over; by default
+            the default group when ``torch.distributed`` is initialised.
+
+    Every hyper-parameter lives in ``param_groups`` (so ``state_dict()`` carries
+    it and schedulers see it); only ``lr`` and ``weight_decay`` may differ between
+    groups. ``lambd`` there is the initial damping; the current one is
+    :attr:`lambd`.
+
+    Use::
+
+        optimizer = CurveBall(model)
+        loss, predictions = optimizer.step(lambda: model(x), lambda y: F.cross_entropy(y, t))
+
+    After each step, ``optimizer.last`` is a :class:`StepInfo`. The running
+    estimate ``z`` of parameter ``p`` is ``optimizer.state[p]["z"]``.
+    """
+
+    def __init__(
+        self,
+        params: nn.Module | Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        momentum: float | None = None,
+        beta: float | None = None,
+        lambd: float = 1.0,
+        auto_lambda: bool = True,
+        lambda_factor: float = 0.999,
+        lambda_thresholds: tuple[float, float] = (0.5, 1.5),
+        lambda_interval: int = 5,
+        weight_decay: float = 0.0,
+        *,
+        step_size_interval: int = 1,
+        model: nn.Module | None = None,
+        forward_mode: str = "auto",
+        process_group: Any = None,
+    ) -> None:
+        if isinstance(params, nn.parallel.DistributedDataParallel) or isinstance(
+            model, nn.parallel.DistributedDataParallel
+        ):
+            raise TypeError(
+                "params: CurveBall does its own gradient averaging and cannot use a "
+                "DistributedDataParallel wrapper; pass the wrapped module (ddp.module) and, "
+                "if needed, process_group=..."
+            )
+        if isinstance(params, nn.Module):
+            if model is not None and model is not params:
+                raise ValueError("model: given twice (as params and as model=)")
+            model, params = params, params.parameters()
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params: expected an nn.Module or an iterable of tensors, got a Tensor")
+        if forward_mode not in MODES:
+            raise ValueError(f"forward_mode: expected one of {MODES}, got {forward_mode!r}")
+        if forward_mode == "forward" and model is None:
+            raise ValueError(
+                "forward_mode='forward' needs the nn.Module: pass CurveBall(model) or model=..."
+            )
+        defaults = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "beta": beta,
+            "lambd": lambd,
+            "auto_lambda": auto_lambda,
+            "lambda_factor": lambda_factor,
+            "lambda_thresholds": lambda_thresholds,
+            "lambda_interval": lambda_interval,
+            "step_size_interval": step_size_interval,
+        }
+        _check_hyperparameters(defaults)
+        defaults["lambda_thresholds"] = tuple(float(v) for v in lambda_thresholds)
+        super().__init__(params, defaults)
+        if not any(p.requires_grad for g in self.param_groups for p in g["params"]):
+            raise ValueError("params: no trainable parameters (none has requires_grad=True)")
+        self.model = model
+        self.forward_mode = forward_mode
+        self.averager = Averager(process_group)
+        self.curveball_state = CurveBallState(lambd=float(lambd))
+        self.last: StepInfo | None = None
+        self._layout: _Layout | None = None
+        self._warn_once = OnceWarner()
+        if model is not None:
+            _check_sparse_modules(model)
+
+    # ------------------------------------------------------------ bookkeeping
+    @property
+    def lambd(self) -> float:
+        """The current damping λ."""
+        return self.curveball_state.lambd
+
+    @property
+    def steps(self) -> int:
+        """The number of steps taken."""
+        return self.curveball_state.step
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its global hyper-parameters must equal the other groups'."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            if p.is_sparse or p.layout != torch.strided:
+                raise ValueError("params: sparse parameters are not supported")
+            if p.is_complex():
+                raise ValueError("params: complex parameters are not supported")
+            if not p.is_floating_point():
+                raise ValueError(f"params: expected floating-point parameters, got {p.dtype}")
+        _check_hyperparameters(group)
+        self._hyperparameters()
+
+    def _hyperparameters(self) -> dict[str, Any]:
+        """The global hyper-parameters, checked equal across groups."""
+        first = self.param_groups[0]
+        shared = [name for name in self.defaults if name not in PER_GROUP]
+        for index, group in enumerate(self.param_groups[1:], start=1):
+            for name in shared:
+                value = first.get(name)
+                if group.get(name) != value:
+                    raise ValueError(
+                        f"param_groups[{index}]['{name}']: {group.get(name)!r} differs from "
+                        f"param_groups[0]['{name}'] = {value!r}; only {PER_GROUP} may differ "
+                        "between groups"
+                    )
+        return first
+
+    def state_dict(self) -> dict[str, Any]:
+        """The ``torch.optim`` state dict, plus the global state under ``"curveball"``."""
+        out = super().state_dict()
+        out[STATE_KEY] = self.curveball_state.to_dict()
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this or of the 0.1.0 release, after checking its shapes."""
+        state_dict = dict(state_dict)
+        saved = state_dict.pop(STATE_KEY, None)
+        record = CurveBallState.from_dict(saved) if saved is not None else None
+        self._check_saved_shapes(state_dict)
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # checkpoints of 0.1.0 kept only lr and weight_decay
+            for name, value in self.defaults.items():
+                group.setdefault(name, value)
+            _check_hyperparameters(group)
+        self._hyperparameters()
+        if record is not None:
+            self.curveball_state = record
+        self._layout = None  # rebuild the layout around the loaded z
+
+    def _check_saved_shapes(self, state_dict: dict[str, Any]) -> None:
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, state in state_dict.get("state", {}).items():
+            z = state.get("z") if isinstance(state, dict) else None
+            if z is None or not isinstance(index, int) or not 0 <= index < len(params):
+                continue
+            if tuple(z.shape) != tuple(params[index].shape):
+                raise ValueError(
+                    f"state_dict: z of parameter {index} has shape {tuple(z.shape)}, but the "
+                    f"parameter has shape {tuple(params[index].shape)}: the checkpoint belongs "
+                    "to another model"
+                )
+
+    def _prepare(self) -> _Layout:
+        """(Re)build the layout and the engines when the trainable set changed."""
+        params, groups = [], []
+        for index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.requires_grad:
+                    params.append(p)
+                    groups.append(index)
+        if not params:
+            raise ValueError("params: no trainable parameters (none has requires_grad=True)")
+        key = tuple(id(p) for p in params)
+        layout = self._layout
+        if layout is None or layout.key != key:
+            tensors = ModuleTensors(self.model, params) if self.model is not None else None
+            mode = "double-backward" if tensors is None else self.forward_mode
+            layout = self._layout = _Layout(
+                key=key,
+                params=params,
+                members=[
+                    [i for i, g in enumerate(groups) if g == index]
+                    for index in range(len(self.param_groups))
+                ],
+                vectors=ParamLayout(params, groups, len(self.param_groups)),
+                tensors=tensors,
+                engines=EngineChoice(params, tensors, mode, self._fell_back),
+            )
+        if layout.zs is None:
+            layout.zs = [self._z_for(p) for p in params]
+        return layout
+
+    def _fell_back(self, message: str) -> None:
+        self._warn_once("fallback", message)
+
+    def _z_for(self, p: torch.Tensor) -> torch.Tensor:
+        """The z of ``p``, created at zero or re-laid out like ``p`` (a tangent must be)."""
+        state = self.state[p]
+        z = state.get("z")
+        if z is None:
+            z = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif not isinstance(z, torch.Tensor) or z.shape != p.shape:
+            got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(
+                f"state_dict: z of a parameter of shape {tuple(p.shape)} has shape {got}"
+            )
+        elif z.stride() != p.stride() or z.dtype != p.dtype or z.device != p.device:
+            z = torch.empty_like(p, memory_format=torch.preserve_format).copy_(z)
+        state["z"] = z
+        return z
+
+    # ------------------------------------------------------------------ step
+    def step(  # type: ignore[override]
+        self,
+        model_fn: Callable[[], torch.Tensor],
+        loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One CurveBall iteration on the batch that ``model_fn`` evaluates.
+
+        ``model_fn`` runs two or three times per step (on test steps once more,
+        without gradients), always on the same batch and with the same random
+        draws: it must evaluate the model on a batch chosen outside it, not draw
+        its own.
+
+        Args:
+            model_fn: runs the model on the current batch, returns the predictions.
+            loss_fn: maps the predictions to a scalar loss (mean over the batch).
+
+        Returns:
+            ``(loss, predictions)`` at the parameters before the step, detached.
+        """
+        if not callable(model_fn):
+            raise TypeError(f"model_fn: expected a callable, got {type(model_fn).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+        hyper = self._hyperparameters()
+        layout = self._prepare()
+        plan = self._plan(hyper)
+        buffers = None
+        if layout.tensors is not None and layout.tensors.buffer_slots:
+            buffers = BufferSnapshot(layout.tensors.current_buffers)
+        undo = buffers.restore if buffers is not None else _nothing
+        engines = layout.engines
+        try:
+            products = engines.run(
+                lambda engine: self._products(engine, model_fn, loss_fn, layout, plan), undo
+            )
+            scalars = self._read_scalars(products, layout, plan)
+            info = self._decide(scalars, plan, hyper)
+            if info.skipped:
+                info = self._skip(info, undo)
+            elif plan.trial:
+                info = self._trust_region_test(info, products.dz, loss_fn, hyper, undo)
+            else:
+                self._commit(info, products.dz)
+        except BaseException:
+            # A user error or an interrupt mid-step: leave the module as it was.
+            undo()
+            engines.engine.abort()
+            raise
+        finally:
+            engines.engine.finish()
+        self.curveball_state.step = plan.step
+        self.last = replace(info, engine=_engine_name(engines.engine))
+        return products.loss.loss, products.predictions.detach()
+
+    def _plan(self, hyper: dict[str, Any]) -> _Plan:
+        state = self.curveball_state
+        step = state.step + 1
+        auto_sizes = hyper["momentum"] is None or hyper["beta"] is None
+        trial = hyper["auto_lambda"] and step % hyper["lambda_interval"] == 0
+        refresh = trial or (
+            auto_sizes and (state.sizes is None or (step - 1) % hyper["step_size_interval"] == 0)
+        )
+        return _Plan(step=step, lambd=state.lambd, refresh=refresh, trial=trial)
+
+    def _products(
+        self,
+        engine: JacobianEngine,
+        model_fn: Callable[[], torch.Tensor],
+        loss_fn: Callable[[torch.Tensor], torch.Tensor],
+        layout: _Layout,
+        plan: _Plan,
+    ) -> _Products:
+        """The AD passes: ``y, Jz`` → ``J_L, H_L Jz`` → ``Δz`` → (``JΔz``, ``H_L JΔz``)."""
+        zs = layout.zs
+        assert zs is not None
+        y, jz = engine.linearize(model_fn, zs, jvp_follows=plan.refresh)
+        loss = LossDerivatives(loss_fn, y)
+        j_loss = loss.grad.detach()
+        h_jz = loss.hvp(jz)
+        dz = engine.vjp(h_jz + j_loss)  # Jᵀ(H_L J z + J_L), then + κ w + (λ + κ) z
+        layout.vectors.mean_(dz, self.averager)
+        for group, members in zip(self.param_groups, layout.members, strict=True):
+            factor = plan.lambd + group["weight_decay"]
+            if members and group["weight_decay"] > 0:
+                torch._foreach_add_(
+                    [dz[i] for i in members],
+                    [layout.params[i].detach() for i in members],
+                    alpha=group["weight_decay"],
+                )
+            if members and factor != 0.0:
+                torch._foreach_add_(
+                    [dz[i] for i in members], [zs[i] for i in members], alpha=factor
+                )
+        curvature = None
+        if plan.refresh:
+            jdz = engine.jvp(dz)
+            h_jdz = loss.hvp(jdz)
+            curvature = {
+                "jdz_h_jdz": dot(jdz, h_jdz),
+                "jz_h_jdz": dot(jz, h_jdz),
+                "jz_h_jz": dot(jz, h_jz),
+                "jl_jdz": dot(j_loss, jdz),
+                "jl_jz": dot(j_loss, jz),
+            }
+        return _Products(y, loss, dz, curvature)
+
+    def _read_scalars(self, products: _Products, layout: _Layout, plan: _Plan) -> StepScalars:
+        """Every scalar the step needs, on the host in one transfer."""
+        dz, zs = products.dz, layout.zs
+        assert zs is not None
+        pairs = {"dz_dz": (dz, dz)}
+        if plan.refresh:
+            pairs.update(z_dz=(zs, dz), z_z=(zs, zs))
+            if any(group["weight_decay"] > 0 for group in self.param_groups):
+                weights = [p.detach() for p in layout.params]
+                pairs.update(w_dz=(weights, dz), w_z=(weights, zs))
+        dots = layout.vectors.group_dots(list(pairs.values()))
+        scalars = StepScalars.read(
+            products.loss.loss,
+            products.predictions,
+            products.curvature,
+            dict(zip(pairs, dots, strict=True)),
+            self.averager,
+        )
+        products.loss.release()
+        return scalars
+
+    def _decide(self, scalars: StepScalars, plan: _Plan, hyper: dict[str, Any]) -> StepInfo:
+        """Solve for ρ and β (or reuse them), unless a scalar is non-finite."""
+        last = self.curveball_state.sizes or (0.0, 0.0)
+        info = StepInfo(plan.step, scalars.loss, *last, plan.lambd, plan.lambd, 0.0)
+
+        def skipped(reason: str) -> StepInfo:
+            return replace(info, skipped=True, reason=reason)
+
+        if not math.isfinite(scalars.loss):
+            return skipped("non-finite loss")
+        if not scalars.predictions_finite:
+            return skipped("non-finite predictions")
+        if not all(math.isfinite(v) for v in scalars.groups["dz_dz"]):
+            return skipped("non-finite Δz")
+        if not plan.refresh:
+            rho = hyper["momentum"] if hyper["momentum"] is not None else last[0]
+            beta = hyper["beta"] if hyper["beta"] is not None else last[1]
+            return replace(info, rho=rho, beta=beta, predicted_change=math.nan, refreshed=False)
+        weight_decays = [group["weight_decay"] for group in self.param_groups]
+        model = QuadraticModel.assemble(scalars, plan.lambd, weight_decays)
+        if not model.is_finite():
+            return skipped("non-finite J Δz or 2×2 system")
+        sizes = model.solve(hyper["momentum"], hyper["beta"])
+        if not all(math.isfinite(v) for v in (sizes.rho, sizes.beta, sizes.predicted_change)):
+            return skipped("non-finite 2×2 solution")
+        return replace(
+            info, rho=sizes.rho, beta=sizes.beta, predicted_change=sizes.predicted_change
+        )
+
+    def _commit(self, info: StepInfo, dz: list[torch.Tensor]) -> None:
+        """``z ← ρ z − β Δz``, then ``w ← w + α z`` per group; remember automatic ρ, β."""
+        layout = self._layout
+        assert layout is not None and layout.zs is not None
+        torch._foreach_mul_(layout.zs, info.rho)
+        torch._foreach_add_(layout.zs, dz, alpha=-info.beta)
+        with torch.no_grad():
+            for group, members in zip(self.param_groups, layout.members, strict=True):
+                if members and group["lr"] != 0.0:
+                    torch._foreach_add_(
+                        [layout.params[i] for i in members],
+                        [layout.zs[i] for i in members],
+                        alpha=group["lr"],
+                    )
+        hyper = self.param_groups[0]
+        if hyper["momentum"] is None or hyper["beta"] is None:
+            self.curveball_state.rho, self.curveball_state.beta = info.rho, info.beta
+
+    def _skip(self, info: StepInfo, undo: Callable[[], None]) -> StepInfo:
+        """Leave parameters and z untouched, put the buffers back, raise λ, warn once."""
+        undo()
+        hyper = self.param_groups[0]
+        omega = _damping.omega(hyper["lambda_factor"], hyper["lambda_interval"])
+        lambd = self.curveball_state.lambd = _damping.raise_damping(info.lambd, omega)
+        self._warn_once(
+            f"skip: {info.reason}",
+            f"CurveBall step {info.step} skipped: {info.reason}; parameters and z are "
+            f"unchanged, damping raised to λ={lambd:.4g}",
+        )
+        return replace(info, skipped=True, next_lambd=lambd)
+
+    def _trust_region_test(
+        self,
+        info: StepInfo,
+        dz: list[torch.Tensor],
+        loss_fn: Callable[[torch.Tensor], torch.Tensor],
+        hyper: dict[str, Any],
+        undo: Callable[[], None],
+    ) -> StepInfo:
+        """Commit, evaluate the loss at the new parameters on the same batch, adapt λ.
+
+        If that loss is not finite, the commit is undone and the step skipped.
+        """
+        layout = self._layout
+        assert layout is not None and layout.zs is not None
+        kept = [t.detach().clone() for t in (*layout.zs, *layout.params)]
+        sizes = self.curveball_state.sizes
+        self._commit(info, dz)
+        with torch.no_grad():
+            trial = loss_fn(layout.engines.engine.evaluate()).detach()
+        trial_vec = trial.reshape(1).to(torch.float64)
+        self.averager.mean_([trial_vec])
+        trial_value = trial_vec.item()
+        if not math.isfinite(trial_value):
+            with torch.no_grad():
+                torch._foreach_copy_([*layout.zs, *layout.params], kept)
+            if sizes is not None:
+                self.curveball_state.rho, self.curveball_state.beta = sizes
+            return self._skip(replace(info, reason="non-finite trial loss"), undo)
+        ratio = _damping.trust_ratio(trial_value - info.loss, info.predicted_change)
+        omega = _damping.omega(hyper["lambda_factor"], hyper["lambda_interval"])
+        lambd = _damping.adjust_damping(info.lambd, ratio, hyper["lambda_thresholds"], omega)
+        self.curveball_state.lambd = lambd
+        return replace(info, trust_ratio=ratio, next_lambd=lambd)
+
+
+def _nothing() -> None:
+    return None
+
+
+def _engine_name(engine: JacobianEngine) -> str:
+    return "forward" if isinstance(engine, ForwardModeEngine) else "double-backward"
+
+
+def _check_hyperparameters(h: dict[str, Any]) -> None:
+    """Clear errors for out-of-range hyper-parameters (of the constructor or a group)."""
+    for name in ("lr", "lambd", "weight_decay"):
+        value = h[name]
+        if not isinstance(value, int | float) or not value >= 0.0 or not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite value >= 0, got {value!r}")
+    if not 0.0 < h["lambda_factor"] <= 1.0:
+        raise ValueError(f"lambda_factor: expected a value in (0, 1], got {h['lambda_factor']}")
+    thresholds = h["lambda_thresholds"]
+    if len(tuple(thresholds)) != 2 or not thresholds[0] < thresholds[1]:
+        raise ValueError(
+            f"lambda_thresholds: expected (low, high) with low < high, got {thresholds}"
+        )
+    for name in ("lambda_interval", "step_size_interval"):
+        value = h[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    for name in ("momentum", "beta"):
+        value = h[name]
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{name}: expected None (automatic) or a finite number, got {value}")
+
+
+def _check_sparse_modules(model: nn.Module) -> None:
+    """Sparse gradients cannot be averaged into Δz: refuse them by module name."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.sparse:
+            raise ValueError(
+                f"model: module {name or type(module).__name__!r} ({type(module).__name__} with "
+                "sparse=True) produces sparse gradients, which CurveBall does not support; "
+                "construct it with sparse=False"
+            )

@@ -1,0 +1,154 @@
+"""The quadratic model of one step: the 2×2 system for ρ and β, its solution and M(z').
+
+With ``z' = ρ z − β Δz`` the damped quadratic model
+
+    M(z') = gᵀ z' + ½ z'ᵀ (G + λI) z'
+
+restricted to the plane spanned by ``z`` and ``Δz`` is a quadratic in (β, ρ).
+Its minimiser solves (Henriques et al., ICCV 2019, eq. 11)
+
+    [[a11, a12], [a12, a22]] · [β, −ρ]ᵀ = [b1, b2]ᵀ
+
+with ``a11 = Δzᵀ(G + λI)Δz``, ``a12 = zᵀ(G + λI)Δz``, ``a22 = zᵀ(G + λI)z``,
+``b1 = gᵀΔz`` and ``b2 = gᵀz``. With weight decay κ (per parameter group) the
+gradient gains ``κ w`` and the damping ``κ``. The system is singular whenever
+``z`` and ``Δz`` are parallel, in particular at the first step where ``z = 0``;
+the minimum-norm (pseudo-inverse) solution is then the minimiser over the line
+that the plane degenerates to, and is always finite.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from curveball._step_scalars import StepScalars
+
+
+@dataclass(frozen=True)
+class StepSizes:
+    """The outcome of one solve: ``z' = rho * z - beta * dz`` and ``M(z')``."""
+
+    rho: float
+    beta: float
+    predicted_change: float
+
+
+@dataclass(frozen=True)
+class QuadraticModel:
+    """The coefficients of ``M`` on the plane spanned by ``z`` and ``Δz``."""
+
+    a11: float
+    a12: float
+    a22: float
+    b1: float
+    b2: float
+
+    @staticmethod
+    def assemble(
+        scalars: StepScalars, lambd: float, weight_decays: Sequence[float]
+    ) -> QuadraticModel:
+        """Build the system from a step's inner products, λ and the groups' weight decays."""
+        net, groups = scalars.curvature, scalars.groups
+        assert net is not None
+
+        def damped(term: str) -> float:  # Σ_groups (λ + κ) · (inner product)
+            return sum((lambd + k) * v for k, v in zip(weight_decays, groups[term], strict=True))
+
+        def decayed(term: str) -> float:  # Σ_groups κ · wᵀ(·): the κ w part of the gradient
+            if term not in groups:
+                return 0.0
+            return sum(k * v for k, v in zip(weight_decays, groups[term], strict=True))
+
+        return QuadraticModel(
+            a11=net["jdz_h_jdz"] + damped("dz_dz"),
+            a12=net["jz_h_jdz"] + damped("z_dz"),
+            a22=net["jz_h_jz"] + damped("z_z"),
+            b1=net["jl_jdz"] + decayed("w_dz"),
+            b2=net["jl_jz"] + decayed("w_z"),
+        )
+
+    def is_finite(self) -> bool:
+        return all(math.isfinite(v) for v in (self.a11, self.a12, self.a22, self.b1, self.b2))
+
+    def change(self, rho: float, beta: float) -> float:
+        """``M(ρ z − β Δz)``, the model's predicted change of the loss."""
+        return (
+            rho * self.b2
+            - beta * self.b1
+            + 0.5 * (rho * rho * self.a22 - 2.0 * rho * beta * self.a12 + beta * beta * self.a11)
+        )
+
+    def solve(
+        self, rho: float | None = None, beta: float | None = None, rtol: float = 1e-10
+    ) -> StepSizes:
+        """Minimise the model over ``z' = ρ z − β Δz``.
+
+        Args:
+            rho: a fixed momentum ρ, or ``None`` to choose it automatically.
+            beta: a fixed step β, or ``None`` to choose it automatically.
+            rtol: eigenvalues of the 2×2 matrix below ``rtol`` times the largest
+                one are treated as zero (the system is solved in float64).
+
+        Returns:
+            The step sizes and the predicted change ``M(z')`` (≤ 0 when both are
+            automatic and the curvature is positive semi-definite).
+        """
+        if rho is None and beta is None:
+            beta_, minus_rho = _pseudo_solve(self, rtol)
+            rho_ = -minus_rho
+        elif rho is None:
+            beta_ = float(beta)
+            # dM/dρ = b2 − β a12 + ρ a22 = 0
+            rho_ = (beta_ * self.a12 - self.b2) / self.a22 if self.a22 > 0.0 else 0.0
+        elif beta is None:
+            rho_ = float(rho)
+            # dM/dβ = −b1 − ρ a12 + β a11 = 0
+            beta_ = (self.b1 + rho_ * self.a12) / self.a11 if self.a11 > 0.0 else 0.0
+        else:
+            rho_, beta_ = float(rho), float(beta)
+        return StepSizes(rho=rho_, beta=beta_, predicted_change=self.change(rho_, beta_))
+
+
+def solve_step_sizes(
+    a11: float,
+    a12: float,
+    a22: float,
+    b1: float,
+    b2: float,
+    rho: float | None = None,
+    beta: float | None = None,
+    rtol: float = 1e-10,
+) -> StepSizes:
+    """:meth:`QuadraticModel.solve` from the five coefficients."""
+    return QuadraticModel(a11, a12, a22, b1, b2).solve(rho, beta, rtol)
+
+
+def _pseudo_solve(m: QuadraticModel, rtol: float) -> tuple[float, float]:
+    """Minimum-norm solution of the symmetric 2×2 system, dropping tiny or negative curvature.
+
+    The system is first scaled to a unit diagonal (``z`` and ``Δz`` can differ in
+    length by many orders of magnitude near convergence), so that the threshold
+    ``rtol`` only discards genuinely collinear directions.
+    """
+    s1 = 1.0 / math.sqrt(m.a11) if m.a11 > 0.0 else 1.0
+    s2 = 1.0 / math.sqrt(m.a22) if m.a22 > 0.0 else 1.0
+    a11, a12, a22 = m.a11 * s1 * s1, m.a12 * s1 * s2, m.a22 * s2 * s2
+    b1, b2 = m.b1 * s1, m.b2 * s2
+    # Closed-form eigen-decomposition of [[a11, a12], [a12, a22]].
+    mean = 0.5 * (a11 + a22)
+    radius = math.hypot(0.5 * (a11 - a22), a12)
+    eigenvalues = (mean + radius, mean - radius)
+    # Eigenvector of the largest eigenvalue at angle θ, tan 2θ = 2 a12 / (a11 − a22).
+    angle = 0.5 * math.atan2(2.0 * a12, a11 - a22)
+    cos, sin = math.cos(angle), math.sin(angle)
+    vectors = ((cos, sin), (-sin, cos))
+    threshold = rtol * max(abs(e) for e in eigenvalues)
+    x1 = x2 = 0.0
+    for value, (v1, v2) in zip(eigenvalues, vectors, strict=True):
+        if value > threshold and value > 0.0:
+            coefficient = (v1 * b1 + v2 * b2) / value
+            x1 += coefficient * v1
+            x2 += coefficient * v2
+    return x1 * s1, x2 * s2

@@ -1,0 +1,68 @@
+"""The optimizer's global state: λ, the step count and the last automatic ρ, β.
+
+Per-parameter state (the running estimate ``z``) lives in ``optimizer.state[p]``
+as in every ``torch.optim`` optimizer. What belongs to the whole optimizer is
+this one record; ``state_dict()`` carries it under the key ``"curveball"``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+STATE_KEY = "curveball"
+
+
+@dataclass
+class CurveBallState:
+    """The optimizer-wide state.
+
+    Attributes:
+        lambd: the current damping λ.
+        step: the number of steps taken.
+        rho: the last automatically solved momentum ρ (reused between refreshes).
+        beta: the last automatically solved step β.
+    """
+
+    lambd: float
+    step: int = 0
+    rho: float | None = None
+    beta: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(saved: Any) -> CurveBallState:
+        """The state from :meth:`to_dict`'s output, or from the 0.1.0 release's layout.
+
+        Raises:
+            ValueError: if a value is missing or out of range.
+        """
+        if not isinstance(saved, dict):
+            raise ValueError(f"state_dict['{STATE_KEY}']: expected a dict, got {type(saved)}")
+        saved = dict(saved)
+        if "steps" in saved:  # 0.1.0: {"lambd", "steps", "last_sizes": (ρ, β) or None}
+            sizes = saved.pop("last_sizes", None)
+            saved["step"] = saved.pop("steps")
+            saved["rho"], saved["beta"] = sizes if sizes is not None else (None, None)
+        try:
+            state = CurveBallState(
+                lambd=float(saved["lambd"]),
+                step=int(saved["step"]),
+                rho=None if saved.get("rho") is None else float(saved["rho"]),
+                beta=None if saved.get("beta") is None else float(saved["beta"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"state_dict['{STATE_KEY}']: malformed ({error!r})") from error
+        if not (state.lambd >= 0.0 and math.isfinite(state.lambd)) or state.step < 0:
+            raise ValueError(f"state_dict['{STATE_KEY}']: out of range: {state}")
+        return state
+
+    @property
+    def sizes(self) -> tuple[float, float] | None:
+        """The last automatic ``(ρ, β)``, if any."""
+        if self.rho is None or self.beta is None:
+            return None
+        return self.rho, self.beta
