@@ -29,7 +29,7 @@ processes the 2-process times are not meaningful as a speed-up.
 
 Example::
 
-    python benchmarks/distributed_comm.py --json out/distributed_comm.json
+    python -m benchmarks.distributed_comm --json out/distributed_comm.json
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from benchmarks.common import count_parameters, mlp
 from curveball import CurveBall
-from curveball.experiments.models import count_parameters, mlp
 
 CONTENDERS = ("curveball", "ddp-sgd")
 

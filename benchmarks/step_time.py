@@ -58,7 +58,7 @@ covers the batch, that contender's model, gradients, optimizer state and activat
 
 Example::
 
-    python benchmarks/step_time.py --models mlp cnn --repeats 15 --json out/step_time.json
+    python -m benchmarks.step_time --models mlp cnn --repeats 15 --json out/step_time.json
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+from benchmarks import common
 
 BASE_METHODS = (
     "sgd",
@@ -119,14 +121,12 @@ def _build_model(name: str) -> tuple[nn.Module, list[tuple[int, ...]]]:
         model = nn.Sequential(nn.Linear(TINY_FEATURES, 32), nn.ReLU(), nn.Linear(32, TINY_CLASSES))
         return model, [(TINY_FEATURES,)]
 
-    from curveball.experiments import models
-
     if name == "mlp":
-        return models.mlp(), [(1, 28, 28), (784,)]
+        return common.mlp(), [(1, 28, 28), (784,)]
     if name == "cnn":
-        return models.basic_cnn(batch_norm=False), [(3, 32, 32)]
+        return common.basic_cnn(batch_norm=False), [(3, 32, 32)]
     if name == "resnet18":
-        return models.resnet18(), [(3, 32, 32)]
+        return common.resnet18(), [(3, 32, 32)]
     raise ValueError(f"unknown model {name!r}")
 
 
@@ -312,11 +312,6 @@ def make_contender(
 # --------------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_interleaved(
     contenders: list[Contender], device: torch.device, warmup: int, repeats: int
 ) -> None:
@@ -324,16 +319,16 @@ def time_interleaved(
     for _ in range(warmup):
         for c in contenders:
             c.step()
-    _sync(device)
+    common.sync(device)
     gc.collect()
     for rep in range(repeats):
         # Round-robin, starting one contender later every repetition.
         for i in range(n):
             c = contenders[(rep + i) % n]
-            _sync(device)
+            common.sync(device)
             start = time.perf_counter()
             c.step()
-            _sync(device)
+            common.sync(device)
             c.times.append(time.perf_counter() - start)
 
 
@@ -346,11 +341,11 @@ def measure_peak_memory(
     torch.cuda.empty_cache()
     contender = make_contender(method, work, device, seed, step_size_interval)
     contender.step()
-    _sync(device)
+    common.sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     for _ in range(MEMORY_STEPS):
         contender.step()
-    _sync(device)
+    common.sync(device)
     peak = int(torch.cuda.max_memory_allocated(device))
     del contender
     return peak

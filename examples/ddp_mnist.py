@@ -8,12 +8,12 @@ global batch (the model is not wrapped in ``DistributedDataParallel``).
 
 Run on CPU with two processes::
 
-    torchrun --standalone --nproc_per_node=2 examples/ddp_mnist.py --data-dir data --epochs 2
+    torchrun --standalone --nproc_per_node=2 -m examples.ddp_mnist --data-dir ../shared/data
 
-Without ``torchrun`` the script runs in a single process. ``--data-dir`` holds the
-MNIST IDX files (raw or gzip), directly or in an ``mnist`` sub-folder; if only the
-official test files are there, they are split into 8,000 training and 2,000
-validation images.
+from the repository root (``-m``: the example shares :mod:`benchmarks.common` with the
+benchmarks). Without ``torchrun`` (``python -m examples.ddp_mnist ...``) it runs in a single
+process. ``--data-dir`` holds the official MNIST test files (raw or gzip), directly or in an
+``mnist`` sub-folder; they are split into 8,000 training and 2,000 validation images.
 """
 
 from __future__ import annotations
@@ -26,10 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from benchmarks.common import mlp, mnist_8k_2k
 from curveball import CurveBall
-from curveball.experiments.classification import find_mnist
-from curveball.experiments.data import mnist_splits
-from curveball.experiments.models import mlp
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,14 +47,6 @@ def setup() -> tuple[int, int]:
         dist.init_process_group("gloo")
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def load_data(data_dir: str) -> dict:
-    """MNIST from ``data_dir``, or from its ``mnist`` sub-folder."""
-    folder = find_mnist(data_dir)
-    if folder is None:
-        raise SystemExit(f"no MNIST IDX files in {data_dir} or {data_dir}/mnist")
-    return mnist_splits(folder)
 
 
 def all_sum(values: list[float], world: int) -> list[float]:
@@ -89,11 +79,11 @@ def main() -> None:
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by {world} processes")
     per_rank = args.batch_size // world
 
-    data = load_data(args.data_dir)
+    data = mnist_8k_2k(args.data_dir)
     x_train, y_train = data["x_train"], data["y_train"]
     x_val, y_val = data["x_val"], data["y_val"]
     if rank == 0:
-        print(data["note"])
+        print("MNIST: official test set; first 8,000 images train, last 2,000 validate")
         print(
             f"{world} process(es), global batch {args.batch_size} "
             f"({per_rank} per process), {len(x_train):,} training images"

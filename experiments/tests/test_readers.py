@@ -1,4 +1,4 @@
-"""Tests for the dataset loaders of ``curveball.experiments.data``.
+"""Tests for the dataset loaders of ``curveball_experiments.readers``.
 
 The tests write tiny files in the official formats themselves; no real data set
 is needed.
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from curveball.experiments import data
+from curveball_experiments import readers as data
 
 # ---------------------------------------------------------------------------
 # IDX / MNIST

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from curveball.experiments import report as rep
+from curveball_experiments import report as rep
 
 
 def test_rows_hold_the_median_of_their_values() -> None:

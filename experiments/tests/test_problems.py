@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from curveball.experiments import baselines, problems
+from curveball_experiments import optimizers, problems
 
 CPU = torch.device("cpu")
 
@@ -68,7 +68,7 @@ def test_draws_are_identical_for_every_consumer() -> None:
 def test_levenberg_marquardt_solves_deterministic_rosenbrock() -> None:
     problem = problems.Rosenbrock("deterministic", None)
     trace = problems.run_single(
-        problem, 0, lambda m: baselines.LevenbergMarquardt(m), problems.CAP, CPU
+        problem, 0, lambda m: optimizers.LevenbergMarquardt(m), problems.CAP, CPU
     )
     assert trace.iterations is not None and trace.iterations < 100
     assert len(trace.objective) == trace.iterations + 1 == len(trace.seconds)
@@ -92,7 +92,7 @@ def test_grid_copies_follow_single_torch_runs() -> None:
     problem = problems.Rosenbrock("u01", 1.0)
     grid = problems.run_grid(problem, [4], [1e-3], "Adam", 30, CPU, check_every=1000)
     module = problems.ResidualModule(problem, problem.initial(4))
-    stepper = baselines.adam(module.parameters(), 1e-3)
+    stepper = optimizers.adam(module.parameters(), 1e-3)
     stream = problems.DrawStream(problem, 4, CPU)
     objective = []
     for t in range(30):

@@ -1,10 +1,10 @@
-"""Entry point of ``python -m curveball.experiments`` and ``curveball-experiments``."""
+"""Entry point of ``python -m curveball_experiments``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from curveball.experiments import cli
+from curveball_experiments import cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,7 @@ Every optimizer sees the same start point and the same random draws for a given
 seed. CurveBall, L-BFGS and Levenberg-Marquardt run one seed at a time on a small
 ``nn.Module`` whose forward returns the residuals. SGD and Adam are tuned over a
 learning-rate grid; all grid points and seeds run at once as independent copies
-(:class:`~curveball.experiments.baselines.GridSGD`, ``GridAdam``), which is what
+(:class:`~curveball_experiments.optimizers.GridSGD`, ``GridAdam``), which is what
 makes the search affordable. Everything is float64.
 """
 
@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curveball.experiments import baselines
-from curveball.experiments.report import Report, progress
+from curveball_experiments import optimizers
+from curveball_experiments.report import Report, progress
 
 DTYPE = torch.float64
 CAP = 10_000
@@ -225,7 +225,7 @@ class Trace:
     diverged: bool = False
 
 
-StepperFactory = Callable[[nn.Module], baselines.Stepper]
+StepperFactory = Callable[[nn.Module], optimizers.Stepper]
 
 
 def run_single(
@@ -326,7 +326,7 @@ def run_grid(
         params.append(expanded.clone().requires_grad_(True))
     lr_shape = (1, n_lrs) + (1,) * (params[0].dim() - 2)
     lr = torch.tensor(list(lrs), dtype=DTYPE, device=device).view(lr_shape)
-    updater = baselines.GRID_RULES[rule](params, lr)
+    updater = optimizers.GRID_RULES[rule](params, lr)
     streams = [DrawStream(problem, s, device) for s in seeds]
     hits = torch.full((n_seeds, n_lrs), -1, dtype=torch.long, device=device)
     with torch.no_grad():
@@ -388,15 +388,15 @@ def seconds_per_iteration(
 def single_run_optimizers() -> dict[str, StepperFactory]:
     """Optimizers run one seed at a time at fixed settings (CurveBall at defaults)."""
     return {
-        "CurveBall": baselines.curveball,
-        "L-BFGS": lambda m: baselines.LBFGSStepper(m.parameters()),
-        "Levenberg-Marquardt": lambda m: baselines.LevenbergMarquardt(m),
+        "CurveBall": optimizers.curveball,
+        "L-BFGS": lambda m: optimizers.LBFGSStepper(m.parameters()),
+        "Levenberg-Marquardt": lambda m: optimizers.LevenbergMarquardt(m),
     }
 
 
-TORCH_RULES: dict[str, Callable[[Any, float], baselines.Stepper]] = {
-    "SGD": baselines.sgd,
-    "Adam": baselines.adam,
+TORCH_RULES: dict[str, Callable[[Any, float], optimizers.Stepper]] = {
+    "SGD": optimizers.sgd,
+    "Adam": optimizers.adam,
 }
 
 
@@ -406,7 +406,7 @@ class SmallSettings:
 
     seeds: list[int]
     cap: int = CAP
-    lrs: list[float] = field(default_factory=baselines.lr_grid)
+    lrs: list[float] = field(default_factory=optimizers.lr_grid)
     timing_iterations: int = 200
 
 
@@ -495,7 +495,7 @@ def run_rosenbrock(out_dir: Any, seeds: list[int], quick: bool, device: torch.de
     settings = SmallSettings(seeds=seeds)
     if quick:
         settings.cap = 200
-        settings.lrs = baselines.lr_grid(-4, 0, half_steps=False)
+        settings.lrs = optimizers.lr_grid(-4, 0, half_steps=False)
         settings.timing_iterations = 20
     report = Report("rosenbrock", out_dir, device=str(device))
     report.settings.update(
@@ -540,7 +540,7 @@ def run_linear(out_dir: Any, seeds: list[int], quick: bool, device: torch.device
     problem = DeepLinear()
     if quick:
         settings.cap = 200
-        settings.lrs = baselines.lr_grid(-3, 0, half_steps=False)
+        settings.lrs = optimizers.lr_grid(-3, 0, half_steps=False)
         settings.timing_iterations = 20
     report = Report("linear", out_dir, device=str(device))
     report.settings.update(

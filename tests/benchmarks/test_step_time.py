@@ -1,16 +1,14 @@
-"""Smoke test of ``benchmarks/step_time.py`` on a tiny model (no timing assertions)."""
+"""Smoke test of ``benchmarks.step_time`` on a tiny model (no timing assertions)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+from benchmarks import step_time
+
 METHODS = {
     "sgd",
     "adam",
@@ -32,19 +30,7 @@ ROW_KEYS = {
 }
 
 
-def _load_script():
-    name = "_benchmark_step_time"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_step_time_tiny_json(tmp_path):
-    step_time = _load_script()
     out = tmp_path / "r.json"
     args = ["--models", "tiny", "--repeats", "2", "--warmup", "1", "--batch-size", "8"]
     result = step_time.run([*args, "--device", "cpu", "--json", str(out)])
@@ -90,7 +76,6 @@ def test_step_time_tiny_json(tmp_path):
 def test_ideal_step_matches_plain_autograd(lean):
     import torch
 
-    step_time = _load_script()
     work = step_time.make_workload("tiny", 8, torch.device("cpu"), seed=0)
     grads = step_time._ideal_step(work.model, work.x, work.t, seed=0, lean=lean)()
 
@@ -114,7 +99,6 @@ def test_older_double_backward_step_is_a_curveball_step():
 
     from curveball import CurveBall
 
-    step_time = _load_script()
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)

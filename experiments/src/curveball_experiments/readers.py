@@ -1,4 +1,4 @@
-"""Dataset loaders for the CurveBall experiments.
+"""Readers of the official dataset file formats (no download, no folder rules).
 
 The loaders read the official on-disk formats from a directory given by the
 user and never download anything:
@@ -131,7 +131,8 @@ def _find_mnist_file(data_dir: Path, prefix: str, kind: str, ndim: int) -> Path 
     return None
 
 
-def _mnist_files(data_dir: Path, split: str) -> tuple[Path | None, Path | None]:
+def mnist_files(data_dir: Path, split: str) -> tuple[Path | None, Path | None]:
+    """The image and label files of one split in ``data_dir`` (``None`` where missing)."""
     prefix = _MNIST_PREFIX[split]
     return (
         _find_mnist_file(data_dir, prefix, "images", 3),
@@ -160,7 +161,7 @@ def load_mnist(data_dir: PathLike, split: str = "test") -> tuple[torch.Tensor, t
         raise ValueError(f"unknown MNIST split {split!r}; expected 'train' or 'test'")
     data_dir = Path(data_dir)
     prefix = _MNIST_PREFIX[split]
-    image_path, label_path = _mnist_files(data_dir, split)
+    image_path, label_path = mnist_files(data_dir, split)
     missing = [
         f"{prefix}-{kind}-idx{nd}-ubyte[.gz]"
         for kind, nd, found in (("images", 3, image_path), ("labels", 1, label_path))
@@ -216,7 +217,7 @@ def mnist_splits(
         sentence describing which data were used.
     """
     data_dir = Path(data_dir)
-    train_images, train_labels = _mnist_files(data_dir, "train")
+    train_images, train_labels = mnist_files(data_dir, "train")
     x_test, y_test = load_mnist(data_dir, "test")
     if train_images is not None or train_labels is not None:
         x_train, y_train = load_mnist(data_dir, "train")
@@ -460,7 +461,28 @@ def load_image_folder(
             "load_image_folder needs Pillow to decode images; install it with 'pip install pillow'"
         ) from exc
 
-    root = Path(root)
+    folder, class_dirs = _class_folders(Path(root), split, classes)
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(
+            p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if max_per_class is not None:
+            files = files[:max_per_class]
+        for file in files:
+            images.append(_decode_image(Image, file, image_size))
+            labels.append(label)
+    if not images:
+        raise ValueError(f"no image files found under {folder}")
+
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    y = torch.tensor(labels, dtype=torch.int64)
+    return x.contiguous(), y, [p.name for p in class_dirs]
+
+
+def _class_folders(root: Path, split: str | None, classes: int | None) -> tuple[Path, list[Path]]:
+    """The folder holding the class folders, and the (first ``classes``) class folders."""
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     folder = root
@@ -481,23 +503,7 @@ def load_image_folder(
     if not class_dirs:
         raise ValueError(f"no class folders found in {folder}")
 
-    images: list[np.ndarray] = []
-    labels: list[int] = []
-    for label, class_dir in enumerate(class_dirs):
-        files = sorted(
-            p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
-        if max_per_class is not None:
-            files = files[:max_per_class]
-        for file in files:
-            images.append(_decode_image(Image, file, image_size))
-            labels.append(label)
-    if not images:
-        raise ValueError(f"no image files found under {folder}")
-
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-    y = torch.tensor(labels, dtype=torch.int64)
-    return x.contiguous(), y, [p.name for p in class_dirs]
+    return folder, class_dirs
 
 
 def _decode_image(image_module: Any, path: Path, size: int) -> np.ndarray:

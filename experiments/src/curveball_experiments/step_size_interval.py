@@ -9,12 +9,13 @@ per epoch the cross-entropy over the whole training split, the validation accura
 and the training wall-clock, plus the mean time of one step.
 
 Data: the MNIST IDX files under ``--data-dir`` (with only the official test files
-present they are split 8,000 / 2,000, as in ``python -m curveball.experiments
+present they are split 8,000 / 2,000, as in ``python -m curveball_experiments
 mnist``). ``--quick`` trains on a small synthetic task instead (for the tests).
 
 Example::
 
-    python benchmarks/step_size_interval.py --data-dir ../shared/data --intervals 1 2 5 10
+    python -m curveball_experiments.step_size_interval --data-dir ../shared/data \
+        --intervals 1 2 5 10
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from statistics import median
 import torch
 
 from curveball import CurveBall
-from curveball.experiments import classification, models
-from curveball.experiments.baselines import CurveBallStepper
+from curveball_experiments import datasets, models, training
+from curveball_experiments.optimizers import CurveBallStepper
 
 
 def parse_args(args: list[str] | None) -> argparse.Namespace:
@@ -46,15 +47,15 @@ def parse_args(args: list[str] | None) -> argparse.Namespace:
     return ns
 
 
-def load(ns: argparse.Namespace) -> tuple[classification.Dataset, int]:
+def load(ns: argparse.Namespace) -> tuple[datasets.Dataset, int]:
     """The dataset and its input size."""
     if ns.quick:
-        data = classification.synthetic_dataset(seed=0, train=512, val=128)
+        data = datasets.synthetic_dataset(seed=0, train=512, val=128)
         return data, data.x_train[0].numel()
-    folder = classification.find_mnist(classification.default_data_dir(ns.data_dir))
+    folder = datasets.find_mnist(datasets.default_data_dir(ns.data_dir))
     if folder is None:
         raise SystemExit(f"no MNIST IDX files in {ns.data_dir} (use --quick for a synthetic task)")
-    data = classification.load_mnist_dataset(folder)
+    data = datasets.load_mnist_dataset(folder)
     return data, data.x_train[0].numel()
 
 
@@ -99,7 +100,7 @@ def run(args: list[str] | None = None) -> dict:
     ns = parse_args(args)
     dataset, features = load(ns)
     epochs = 1 if ns.quick else ns.epochs
-    settings = classification.TrainSettings(epochs=epochs, batch_size=64 if ns.quick else 128)
+    settings = training.TrainSettings(epochs=epochs, batch_size=64 if ns.quick else 128)
     device = torch.device("cpu")
     print(dataset.describe(), flush=True)
 
@@ -111,11 +112,11 @@ def run(args: list[str] | None = None) -> dict:
 
     # Untimed warm-up, so that the first k measured does not pay for it.
     warm = dataset.subset(3 * settings.batch_size, settings.batch_size)
-    classification.train(build, warm, stepper(ns.intervals[0]), 0, settings, device)
+    training.train(build, warm, stepper(ns.intervals[0]), 0, settings, device)
     rows = []
     for k in ns.intervals:
         logs = [
-            classification.train(build, dataset, stepper(k), seed, settings, device)
+            training.train(build, dataset, stepper(k), seed, settings, device)
             for seed in range(ns.seeds)
         ]
         steps = len(logs[0].batch_loss)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from curveball.experiments import baselines
+from curveball_experiments import optimizers
 
 
 class Affine(nn.Module):
@@ -44,7 +44,7 @@ def test_levenberg_marquardt_solves_linear_least_squares() -> None:
     m = torch.randn(30, 6, generator=g, dtype=torch.float64)
     b = torch.randn(30, generator=g, dtype=torch.float64)
     module = Affine(m, b)
-    lm = baselines.LevenbergMarquardt(module)
+    lm = optimizers.LevenbergMarquardt(module)
     for _ in range(20):
         lm.step(module, sum_of_squares)
     expected = torch.linalg.lstsq(m, b.unsqueeze(1)).solution.squeeze(1)
@@ -54,7 +54,7 @@ def test_levenberg_marquardt_solves_linear_least_squares() -> None:
 def test_levenberg_marquardt_fits_exponential_exactly() -> None:
     t = torch.linspace(0.0, 1.0, 20, dtype=torch.float64)
     module = Exponential(t, 2.0 * torch.exp(-1.5 * t))
-    lm = baselines.LevenbergMarquardt(module)
+    lm = optimizers.LevenbergMarquardt(module)
     for _ in range(50):
         lm.step(module, sum_of_squares)
     assert module.a.item() == pytest.approx(2.0, abs=1e-8)
@@ -64,7 +64,7 @@ def test_levenberg_marquardt_fits_exponential_exactly() -> None:
 
 def test_levenberg_marquardt_returns_loss_before_the_update() -> None:
     module = Affine(torch.eye(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
-    lm = baselines.LevenbergMarquardt(module, mu=1.0)
+    lm = optimizers.LevenbergMarquardt(module, mu=1.0)
     loss = lm.step(module, sum_of_squares)
     assert loss.item() == pytest.approx(2.0)
     assert float(sum_of_squares(module())) < 2.0
@@ -73,9 +73,9 @@ def test_levenberg_marquardt_returns_loss_before_the_update() -> None:
 def test_levenberg_marquardt_rejects_bad_arguments() -> None:
     module = Affine(torch.eye(2), torch.ones(2))
     with pytest.raises(ValueError):
-        baselines.LevenbergMarquardt(module, mu=0.0)
+        optimizers.LevenbergMarquardt(module, mu=0.0)
     with pytest.raises(ValueError):
-        baselines.LevenbergMarquardt(module, tau=-1.0)
+        optimizers.LevenbergMarquardt(module, tau=-1.0)
 
 
 def _quadratic_grads(w: torch.Tensor) -> torch.Tensor:
@@ -88,13 +88,13 @@ def test_grid_rules_match_torch_optim(rule: str) -> None:
     lrs = [1e-3, 0.02]
     start = torch.tensor([0.3, -0.2, 2.0], dtype=torch.float64)
     batch = start.expand(len(lrs), 3).clone().requires_grad_(True)
-    grid = baselines.GRID_RULES[rule]([batch], torch.tensor(lrs, dtype=torch.float64)[:, None])
+    grid = optimizers.GRID_RULES[rule]([batch], torch.tensor(lrs, dtype=torch.float64)[:, None])
     singles = [start.clone().requires_grad_(True) for _ in lrs]
-    make = {"SGD": baselines.sgd, "Adam": baselines.adam}[rule]
-    optimizers = [make([w], lr).optimizer for w, lr in zip(singles, lrs, strict=True)]
+    make = {"SGD": optimizers.sgd, "Adam": optimizers.adam}[rule]
+    torch_optimizers = [make([w], lr).optimizer for w, lr in zip(singles, lrs, strict=True)]
     for _ in range(25):
         grid.update([_quadratic_grads(batch)])
-        for w, opt in zip(singles, optimizers, strict=True):
+        for w, opt in zip(singles, torch_optimizers, strict=True):
             opt.zero_grad()
             w.grad = _quadratic_grads(w)
             opt.step()
@@ -104,17 +104,17 @@ def test_grid_rules_match_torch_optim(rule: str) -> None:
 
 
 def test_lr_grid_has_half_steps() -> None:
-    grid = baselines.lr_grid(-2, 0)
+    grid = optimizers.lr_grid(-2, 0)
     assert len(grid) == 5
     assert grid[0] == pytest.approx(1e-2) and grid[-1] == pytest.approx(1.0)
     assert grid[1] == pytest.approx(10**-1.5)
-    assert len(baselines.lr_grid(-5, 0, half_steps=False)) == 6
+    assert len(optimizers.lr_grid(-5, 0, half_steps=False)) == 6
 
 
 def test_lbfgs_step_is_one_iteration() -> None:
     t = torch.linspace(0, 1, 10, dtype=torch.float64)
     module = Exponential(t, 2.0 * torch.exp(-t))
-    stepper = baselines.LBFGSStepper(module.parameters())
+    stepper = optimizers.LBFGSStepper(module.parameters())
     with torch.no_grad():
         before = float(sum_of_squares(module()))
     stepper.step(module, sum_of_squares)

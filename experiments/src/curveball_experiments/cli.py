@@ -1,4 +1,4 @@
-"""Command line of the experiments: ``python -m curveball.experiments NAME [options]``.
+"""Command line of the experiments: ``python -m curveball_experiments NAME [options]``.
 
 ``NAME`` is one of ``rosenbrock``, ``linear``, ``mnist``, ``cifar10``, ``imagenet``,
 ``random-archs`` or ``all`` (the two built-in problems, ``random-archs`` on MNIST or
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from curveball.experiments import EXPERIMENTS
+from curveball_experiments import EXPERIMENTS
 
 DEFAULT_SEEDS = {
     "rosenbrock": 10,
@@ -32,7 +32,7 @@ QUICK_SEEDS = {"rosenbrock": 3, "linear": 2}
 def parser() -> argparse.ArgumentParser:
     """The argument parser."""
     p = argparse.ArgumentParser(
-        prog="curveball-experiments",
+        prog="python -m curveball_experiments",
         description="Reproduce the experiments of the CurveBall paper "
         "(Henriques et al., ICCV 2019).",
     )
@@ -73,7 +73,7 @@ def _seeds(args: argparse.Namespace, name: str) -> list[int]:
 
 def _data_present(name: str, data_dir: str | None) -> str | None:
     """``None`` when the data of ``name`` is available, else why it is not."""
-    from curveball.experiments import classification as c
+    from curveball_experiments import datasets as c
 
     finders: dict[str, tuple[Callable[[str | None], Path | None], str]] = {
         "mnist": (c.find_mnist, "MNIST IDX files (t10k-/train-images-idx3-ubyte[.gz])"),
@@ -92,7 +92,7 @@ def _data_present(name: str, data_dir: str | None) -> str | None:
 
 def run_one(name: str, args: argparse.Namespace, data_dir: str | None) -> str:
     """Run one experiment, write its outputs and return the table text."""
-    from curveball.experiments import classification, problems
+    from curveball_experiments import problems, runners
 
     device = torch.device(args.device)
     seeds = _seeds(args, name)
@@ -102,18 +102,16 @@ def run_one(name: str, args: argparse.Namespace, data_dir: str | None) -> str:
     elif name == "linear":
         report = problems.run_linear(out, seeds, args.quick, device)
     elif name == "mnist":
-        report = classification.run_mnist(out, data_dir, seeds, args.quick, device, args.epochs)
+        report = runners.run_mnist(out, data_dir, seeds, args.quick, device, args.epochs)
     elif name == "cifar10":
-        report = classification.run_cifar10(out, data_dir, seeds, args.quick, device, args.epochs)
+        report = runners.run_cifar10(out, data_dir, seeds, args.quick, device, args.epochs)
     elif name == "imagenet":
-        report = classification.run_imagenet(
+        report = runners.run_imagenet(
             out, data_dir, seeds, args.quick, device, args.epochs, args.classes, args.image_size
         )
     elif name == "random-archs":
         count = args.archs or (3 if args.quick else 20)
-        report = classification.run_random_archs(
-            out, data_dir, count, args.quick, device, args.epochs
-        )
+        report = runners.run_random_archs(out, data_dir, count, args.quick, device, args.epochs)
     else:  # pragma: no cover - argparse restricts the names
         raise ValueError(name)
     return report.write()
@@ -121,7 +119,7 @@ def run_one(name: str, args: argparse.Namespace, data_dir: str | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the experiment(s) named on the command line; return the exit status."""
-    from curveball.experiments.classification import default_data_dir
+    from curveball_experiments.datasets import default_data_dir
 
     args = parser().parse_args(argv)
     data_dir = default_data_dir(args.data_dir)

@@ -1,333 +1,33 @@
 """Image classification experiments: MNIST, CIFAR-10, ImageNet and random architectures.
 
-One training loop serves them all. For a given seed every optimizer starts from the
-same initial weights (``torch.manual_seed(seed)`` before the model is built) and
-sees the same mini-batches in the same order. After every epoch the loop measures
-the cross-entropy over the whole training split and the accuracy on the validation
-split (model in evaluation mode, outside the timed region) and the training
-wall-clock so far. CurveBall runs at its defaults; SGD (momentum 0.9, lr 0.01) and
-Adam (lr 1e-3) at common defaults, untuned.
+Each runner builds its dataset (:mod:`~curveball_experiments.datasets`), trains
+every network with every optimizer (:mod:`~curveball_experiments.training`) and
+writes a :class:`~curveball_experiments.report.Report`.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curveball.experiments import baselines
-from curveball.experiments.report import Report, progress
-
-OPTIMIZERS: dict[str, Callable[[nn.Module], baselines.Stepper]] = {
-    "CurveBall": lambda m: baselines.curveball(m),
-    "SGD": lambda m: baselines.sgd(m.parameters()),
-    "Adam": lambda m: baselines.adam(m.parameters()),
-}
-"""Optimizers compared on the networks, all at default settings."""
-
-SMOOTHING = 10
-"""Mini-batch losses are averaged over this many iterations in the plots."""
-
-
-# --------------------------------------------------------------------------- data
-def _has_mnist(folder: Path) -> bool:
-    for sub in (folder, folder / "raw", folder / "MNIST" / "raw"):
-        for prefix in ("t10k", "train"):
-            if any((sub / f"{prefix}-images-idx3-ubyte{gz}").is_file() for gz in ("", ".gz")):
-                return True
-    return False
-
-
-def find_mnist(data_dir: Path | str | None) -> Path | None:
-    """The folder holding the MNIST IDX files: ``data_dir`` itself or its ``mnist/``."""
-    if data_dir is None:
-        return None
-    root = Path(data_dir)
-    for folder in (root, root / "mnist", root / "MNIST"):
-        if _has_mnist(folder):
-            return folder
-    return None
-
-
-def find_cifar10(data_dir: Path | str | None) -> Path | None:
-    """The ``cifar-10-batches-py`` folder under ``data_dir`` (or ``data_dir/cifar10``)."""
-    if data_dir is None:
-        return None
-    root = Path(data_dir)
-    candidates = [root, root / "cifar-10-batches-py", root / "cifar10"]
-    candidates.append(root / "cifar10" / "cifar-10-batches-py")
-    for folder in candidates:
-        if (folder / "data_batch_1").is_file() and (folder / "test_batch").is_file():
-            return folder
-    return None
-
-
-def find_imagenet(data_dir: Path | str | None) -> Path | None:
-    """An ImageNet-style folder (``train/<class>/<images>``) under ``data_dir``."""
-    if data_dir is None:
-        return None
-    root = Path(data_dir)
-    for folder in (root / "imagenet", root / "ILSVRC2012", root):
-        train = folder / "train"
-        if train.is_dir() and any(p.is_dir() for p in train.iterdir()):
-            return folder
-    return None
-
-
-@dataclass
-class Dataset:
-    """In-memory training and validation tensors of one task."""
-
-    name: str
-    x_train: Tensor
-    y_train: Tensor
-    x_val: Tensor
-    y_val: Tensor
-    num_classes: int
-    note: str = ""
-
-    def subset(self, train: int | None, val: int | None) -> Dataset:
-        """The first ``train`` / ``val`` examples (``None``: all)."""
-        return Dataset(
-            self.name,
-            self.x_train[:train],
-            self.y_train[:train],
-            self.x_val[:val],
-            self.y_val[:val],
-            self.num_classes,
-            self.note,
-        )
-
-    def describe(self) -> str:
-        shape = "x".join(str(s) for s in self.x_train.shape[1:])
-        return (
-            f"{self.name}: {len(self.x_train)} training and {len(self.x_val)} validation "
-            f"images of {shape}, {self.num_classes} classes"
-        )
-
-
-def load_mnist_dataset(folder: Path) -> Dataset:
-    """MNIST via ``data.mnist_splits``.
-
-    With only the official test files, their first 8,000 images train and the last
-    2,000 validate; a smaller test file (a test fixture) is split 80/20 instead.
-    """
-    from curveball.experiments import data
-
-    try:
-        splits = data.mnist_splits(folder)
-    except ValueError:
-        n = len(data.load_mnist(folder, "test")[1])
-        train = (4 * n) // 5
-        splits = data.mnist_splits(folder, train_size=train, val_size=n - train)
-    return Dataset(
-        "MNIST",
-        splits["x_train"],
-        splits["y_train"],
-        splits["x_val"],
-        splits["y_val"],
-        10,
-        splits["note"],
-    )
-
-
-def load_cifar10_dataset(folder: Path) -> Dataset:
-    """CIFAR-10: training batches for training, ``test_batch`` for validation."""
-    from curveball.experiments import data
-
-    d = data.load_cifar10(folder)
-    note = f"CIFAR-10 from {folder}: data_batch_1..5 for training, test_batch for validation."
-    return Dataset("CIFAR-10", d["x_train"], d["y_train"], d["x_test"], d["y_test"], 10, note)
-
-
-def load_imagenet_dataset(
-    folder: Path, image_size: int, classes: int | None, max_per_class: int | None
-) -> Dataset:
-    """An ImageNet-style folder; ``val/`` for validation when it exists, else 10% of
-    every class of ``train/``. Inputs are standardised with the training mean/std."""
-    from curveball.experiments import data
-
-    x, y, names = data.load_image_folder(
-        folder, image_size, classes, split="train", max_per_class=max_per_class
-    )
-    if (folder / "val").is_dir():
-        xv, yv, _ = data.load_image_folder(
-            folder, image_size, classes, split="val", max_per_class=max_per_class
-        )
-        how = "train/ for training, val/ for validation"
-    else:
-        g = torch.Generator().manual_seed(0)
-        order = torch.randperm(len(y), generator=g)
-        cut = max(1, len(y) // 10)
-        xv, yv, x, y = x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
-        how = "no val/ folder: a fixed random 10% of train/ for validation"
-    mean = x.mean(dim=(0, 2, 3), keepdim=True)
-    std = x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    note = (
-        f"ImageNet-style folder {folder}: {len(names)} classes, images centre-cropped and "
-        f"resized to {image_size}x{image_size}; {how}."
-    )
-    return Dataset("ImageNet", (x - mean) / std, y, (xv - mean) / std, yv, len(names), note)
-
-
-def synthetic_dataset(seed: int = 0, train: int = 4000, val: int = 1000) -> Dataset:
-    """A built-in 10-class task of 1x16x16 images (no download needed).
-
-    Each class has a fixed random smooth template (Gaussian noise blurred by a 5x5
-    box filter, scaled to unit variance); an example is its class template plus
-    i.i.d. ``N(0, 1)`` pixel noise.
-    """
-    g = torch.Generator().manual_seed(seed)
-    raw = torch.randn(10, 1, 20, 20, generator=g)
-    templates = F.avg_pool2d(raw, 5, stride=1)
-    templates = (templates - templates.mean()) / templates.std()
-
-    def sample(count: int) -> tuple[Tensor, Tensor]:
-        y = torch.randint(0, 10, (count,), generator=g)
-        x = templates[y] + torch.randn(count, 1, 16, 16, generator=g)
-        return x, y
-
-    x_train, y_train = sample(train)
-    x_val, y_val = sample(val)
-    note = (
-        "Synthetic task (no MNIST given): 10 classes of 1x16x16 images, class template "
-        f"(blurred Gaussian noise) plus N(0, 1) pixel noise; {train} training and {val} "
-        "validation examples."
-    )
-    return Dataset("synthetic", x_train, y_train, x_val, y_val, 10, note)
-
-
-# ----------------------------------------------------------------------- training
-@dataclass
-class TrainSettings:
-    """How long and on what to train."""
-
-    epochs: int
-    batch_size: int = 128
-    eval_batch_size: int = 512
-    optimizers: Sequence[str] = ("CurveBall", "SGD", "Adam")
-
-
-@dataclass
-class RunLog:
-    """One training run."""
-
-    batch_loss: list[float] = field(default_factory=list)
-    batch_seconds: list[float] = field(default_factory=list)
-    train_loss: list[float] = field(default_factory=list)  # per epoch, epoch 0 = start
-    val_accuracy: list[float] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)
-    diverged: bool = False
-    final_lambda: float | None = None  # CurveBall's damping after the last step
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, x: Tensor, y: Tensor, device: torch.device, batch_size: int
-) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over ``(x, y)``, in evaluation mode."""
-    was_training = model.training
-    model.eval()
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    for start in range(0, len(x), batch_size):
-        xb = x[start : start + batch_size].to(device)
-        yb = y[start : start + batch_size].to(device)
-        logits = model(xb)
-        total_loss += F.cross_entropy(logits, yb, reduction="sum").double()
-        correct += (logits.argmax(1) == yb).sum()
-    model.train(was_training)
-    n = max(len(x), 1)
-    return float(total_loss) / n, float(correct) / n
-
-
-def train(
-    build: Callable[[], nn.Module],
-    dataset: Dataset,
-    optimizer: str | Callable[[nn.Module], baselines.Stepper],
-    seed: int,
-    settings: TrainSettings,
-    device: torch.device,
-    bar: Any = None,
-) -> RunLog:
-    """Train one freshly built model with one optimizer; see the module docstring."""
-    torch.manual_seed(seed)
-    model = build().to(device)
-    model.train()
-    make_stepper = OPTIMIZERS[optimizer] if isinstance(optimizer, str) else optimizer
-    stepper = make_stepper(model)
-    log = RunLog()
-    loss0, _ = evaluate(model, dataset.x_train, dataset.y_train, device, settings.eval_batch_size)
-    _, acc0 = evaluate(model, dataset.x_val, dataset.y_val, device, settings.eval_batch_size)
-    log.train_loss.append(loss0)
-    log.val_accuracy.append(acc0)
-    log.seconds.append(0.0)
-    elapsed = 0.0
-    for epoch in range(settings.epochs):
-        g = torch.Generator().manual_seed(1_000_003 * (seed + 1) + epoch)
-        order = torch.randperm(len(dataset.x_train), generator=g)
-        losses = []
-        for start in range(0, len(order), settings.batch_size):
-            idx = order[start : start + settings.batch_size]
-            xb = dataset.x_train[idx].to(device)
-            yb = dataset.y_train[idx].to(device)
-            _sync(device)
-            begin = time.perf_counter()
-            loss = stepper.step(
-                lambda xb=xb: model(xb), lambda out, yb=yb: F.cross_entropy(out, yb)
-            )
-            _sync(device)
-            elapsed += time.perf_counter() - begin
-            losses.append(loss)
-            log.batch_seconds.append(elapsed)
-            if bar is not None:
-                bar.update(1)
-        log.batch_loss += torch.stack(losses).double().cpu().tolist()
-        train_loss, _ = evaluate(
-            model, dataset.x_train, dataset.y_train, device, settings.eval_batch_size
-        )
-        _, accuracy = evaluate(
-            model, dataset.x_val, dataset.y_val, device, settings.eval_batch_size
-        )
-        log.train_loss.append(train_loss)
-        log.val_accuracy.append(accuracy)
-        log.seconds.append(elapsed)
-        if not math.isfinite(train_loss):
-            log.diverged = True
-            missing = settings.epochs - epoch - 1
-            log.train_loss += [math.nan] * missing
-            log.val_accuracy += [math.nan] * missing
-            log.seconds += [elapsed] * missing
-            break
-    last = getattr(getattr(stepper, "optimizer", None), "last", None)
-    if last is not None and hasattr(last, "next_lambd"):
-        log.final_lambda = float(last.next_lambd)
-    return log
-
-
-def running_mean(values: Sequence[float], window: int = SMOOTHING) -> list[float]:
-    """Mean of the last ``window`` values at every position (fewer at the start)."""
-    out, total, queue = [], 0.0, []
-    for v in values:
-        queue.append(v)
-        total += v
-        if len(queue) > window:
-            total -= queue.pop(0)
-        out.append(total / len(queue))
-    return out
+from curveball_experiments import models, optimizers
+from curveball_experiments.datasets import (
+    Dataset,
+    find_cifar10,
+    find_imagenet,
+    find_mnist,
+    load_cifar10_dataset,
+    load_imagenet_dataset,
+    load_mnist_dataset,
+    synthetic_dataset,
+)
+from curveball_experiments.report import Report, progress
+from curveball_experiments.training import SMOOTHING, RunLog, TrainSettings, running_mean, train
 
 
 def add_training_runs(
@@ -413,8 +113,8 @@ def _describe(
             "seeds": list(seeds),
             "optimizers": {
                 "CurveBall": "defaults (lr 1, lambda 1, automatic rho and beta)",
-                "SGD": f"momentum {baselines.SGD_MOMENTUM}, lr {baselines.DEFAULT_LR['SGD']}",
-                "Adam": f"lr {baselines.DEFAULT_LR['Adam']}, betas (0.9, 0.999)",
+                "SGD": f"momentum {optimizers.SGD_MOMENTUM}, lr {optimizers.DEFAULT_LR['SGD']}",
+                "Adam": f"lr {optimizers.DEFAULT_LR['Adam']}, betas (0.9, 0.999)",
             },
         }
     )
@@ -495,7 +195,6 @@ def run_mnist(
     epochs: int | None = None,
 ) -> Report:
     """MNIST with the paper's MLP, a wider MLP and the basic CNN."""
-    from curveball.experiments import models
 
     folder = find_mnist(data_dir)
     if folder is None:
@@ -529,7 +228,6 @@ def run_cifar10(
     epochs: int | None = None,
 ) -> Report:
     """CIFAR-10 with the basic CNN (with and without batch norm) and ResNet-18."""
-    from curveball.experiments import models
 
     folder = find_cifar10(data_dir)
     if folder is None:
@@ -562,7 +260,6 @@ def run_imagenet(
     image_size: int | None = None,
 ) -> Report:
     """VGG-f on an ImageNet-style image folder (optionally the first ``classes``)."""
-    from curveball.experiments import models
 
     folder = find_imagenet(data_dir)
     if folder is None:
@@ -588,7 +285,6 @@ def run_random_archs(
     epochs: int | None = None,
 ) -> Report:
     """Train ``count`` random architectures with every optimizer; count the wins."""
-    from curveball.experiments import models
 
     folder = find_mnist(data_dir)
     if folder is not None:
@@ -657,8 +353,3 @@ def run_random_archs(
         ", ".join(f"{o} {sum(w)}" for o, w in wins.items()),
     )
     return report
-
-
-def default_data_dir(value: str | None) -> str | None:
-    """``--data-dir`` or the ``CURVEBALL_DATA`` environment variable."""
-    return value or os.environ.get("CURVEBALL_DATA") or None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from curveball.experiments.__main__ import main
+from curveball_experiments.__main__ import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -65,11 +65,11 @@ def test_mnist_quick_on_fake_idx_files(tmp_path: Path, data_root: Path) -> None:
 
 
 def test_mnist_data_dir_may_be_the_idx_folder_itself(tmp_path: Path, data_root: Path) -> None:
-    from curveball.experiments import classification
+    from curveball_experiments import datasets
 
-    assert classification.find_mnist(data_root) == data_root / "mnist"
-    assert classification.find_mnist(data_root / "mnist") == data_root / "mnist"
-    assert classification.find_mnist(tmp_path / "nothing") is None
+    assert datasets.find_mnist(data_root) == data_root / "mnist"
+    assert datasets.find_mnist(data_root / "mnist") == data_root / "mnist"
+    assert datasets.find_mnist(tmp_path / "nothing") is None
 
 
 def test_mnist_honours_the_environment_variable(
@@ -117,7 +117,7 @@ def test_random_archs_use_mnist_when_present(tmp_path: Path, data_root: Path) ->
 def test_all_skips_absent_data_with_a_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from curveball.experiments import cli
+    from curveball_experiments import cli
 
     ran = []
     monkeypatch.setattr(cli, "run_one", lambda name, args, data_dir: ran.append(name) or "")
@@ -131,7 +131,7 @@ def test_all_skips_absent_data_with_a_message(
 def test_all_runs_the_data_experiments_whose_files_exist(
     tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from curveball.experiments import cli
+    from curveball_experiments import cli
 
     ran = []
     monkeypatch.setattr(cli, "run_one", lambda name, args, data_dir: ran.append(name) or "")

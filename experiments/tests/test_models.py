@@ -1,4 +1,4 @@
-"""Tests for the model zoo of ``curveball.experiments.models``."""
+"""Tests for the model zoo of ``curveball_experiments.models``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from curveball.experiments import models
+from curveball_experiments import models
 
 
 def _has(module: nn.Module, kind: type[nn.Module]) -> bool:
