@@ -8,6 +8,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import CASES
 from oracles import flat_params
 from torch import nn
 
@@ -15,14 +16,13 @@ from curveball import CurveBall
 
 
 def bn_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    return CASES["bn_mlp"].make(seed, dtype=torch.float32)[0]
 
 
 def batches(n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)
+        (torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)
     ]
 
 

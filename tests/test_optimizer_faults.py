@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import CASES
 from torch import nn
 
 from curveball import CurveBall, DoubleBackwardUnsupported
@@ -29,10 +30,7 @@ def assert_unchanged(before, model, opt):
 
 
 def setup(seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2))
-    x = torch.randn(12, 4)
-    t = torch.randint(0, 2, (12,))
+    model, x, t = CASES["bn_mlp"].make(seed, batch=12, dtype=torch.float32)
     opt = CurveBall(model)
     for _ in range(3):  # a nonzero z and moved statistics
         opt.step(lambda: model(x), lambda y: F.cross_entropy(y, t))
@@ -60,7 +58,7 @@ FAULTS = {
     ),
     "predictions": (
         lambda m, x: lambda: TailInf()(m(x)),
-        lambda t: lambda y: F.cross_entropy(y[:, :2], t),
+        lambda t: lambda y: F.cross_entropy(y[:, :3], t),
         "predictions",
     ),
     # |y|^0.5 has an infinite derivative at y = 0: finite loss, non-finite Δz

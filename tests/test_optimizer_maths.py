@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import CASES, cross_entropy
 from oracles import dense_problem, flat_params
 from torch import nn
 
@@ -12,24 +13,8 @@ from curveball import CurveBall
 
 
 def tiny_problem(seed: int = 0, kind: str = "mlp"):
-    torch.manual_seed(seed)
-    if kind == "mlp":
-        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-        x = torch.randn(10, 4, dtype=torch.float64)
-    else:  # convolutions, max and average pooling, an in-place activation
-        model = nn.Sequential(
-            nn.Conv2d(2, 3, 3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(3, 3, 3, padding=1),
-            nn.Tanh(),
-            nn.AvgPool2d(2),
-            nn.Flatten(),
-            nn.Linear(3, 3),
-        ).double()
-        x = torch.randn(10, 2, 4, 4, dtype=torch.float64)
-    t = torch.randint(0, 3, (10,))
-    return model, x, lambda y: F.cross_entropy(y, t)
+    model, x, t = CASES[kind].make(seed, batch=10)
+    return model, x, cross_entropy(t)
 
 
 def flat_z(opt: CurveBall, model: nn.Module) -> torch.Tensor:

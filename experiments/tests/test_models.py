@@ -79,17 +79,6 @@ def test_vggf_feature_map_is_6x6_at_224() -> None:
         assert features(torch.randn(1, 3, 224, 224)).shape == (1, 256, 6, 6)
 
 
-def test_build_dispatch() -> None:
-    assert not _has(models.build("cnn"), nn.BatchNorm2d)
-    assert _has(models.build("cnn-bn"), nn.BatchNorm2d)
-    assert _has(models.build("CNN_BN"), nn.BatchNorm2d)
-    assert models.build("mlp", hidden=(4,))(torch.randn(2, 784)).shape == (2, 10)
-    assert isinstance(models.build("resnet18"), models.ResNet)
-    assert _has(models.build("vggf", num_classes=3), nn.LocalResponseNorm)
-    with pytest.raises(ValueError, match="resnet18"):
-        models.build("alexnet")
-
-
 def test_random_architecture_deterministic() -> None:
     _, d1 = models.random_architecture(123)
     _, d2 = models.random_architecture(123)

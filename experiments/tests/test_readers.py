@@ -301,35 +301,3 @@ def test_load_image_folder_empty(tmp_path: Path) -> None:
         data.load_image_folder(tmp_path)
     with pytest.raises(FileNotFoundError):
         data.load_image_folder(tmp_path / "missing")
-
-
-# ---------------------------------------------------------------------------
-# Mini-batches
-# ---------------------------------------------------------------------------
-
-
-def test_batches_sequential() -> None:
-    x = torch.arange(10).float().unsqueeze(1)
-    y = torch.arange(10)
-    out = list(data.batches(x, y, 4))
-    assert [len(b[1]) for b in out] == [4, 4, 2]
-    assert torch.cat([b[1] for b in out]).tolist() == list(range(10))
-    assert [len(b[1]) for b in data.batches(x, y, 4, drop_last=True)] == [4, 4]
-
-
-def test_batches_shuffle_reproducible() -> None:
-    x = torch.arange(10).float().unsqueeze(1)
-    y = torch.arange(10)
-
-    def run(seed: int) -> list[int]:
-        gen = torch.Generator().manual_seed(seed)
-        parts = list(data.batches(x, y, 3, shuffle=True, generator=gen))
-        for bx, by in parts:
-            assert torch.equal(bx.squeeze(1).long(), by)
-        return torch.cat([b[1] for b in parts]).tolist()
-
-    assert run(0) == run(0)
-    assert sorted(run(0)) == list(range(10))
-    assert run(0) != run(1)
-    with pytest.raises(ValueError):
-        next(data.batches(x, y[:5], 2))

@@ -72,9 +72,12 @@ def test_write_produces_json_table_and_plots(tmp_path: Path) -> None:
         assert row["median"] == pytest.approx(statistics.median(row["values"]))
     assert set(results["versions"]) >= {"torch", "curveball"}
     assert (tmp_path / "demo" / "table.md").read_text().startswith("# demo")
-    for png in r.plot_files():
+    pngs = sorted((tmp_path / "demo").glob("*.png"))
+    assert [p.name for p in pngs] == [
+        f"{rep.slug('problem one')}_vs_{a}.png" for a in ("iteration", "time")
+    ]
+    for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(r.plot_files()) == 2
 
 
 def test_slug_is_file_name_safe() -> None:

@@ -10,8 +10,6 @@ unnormalised class scores (logits) of shape ``(batch, num_classes)``:
 * :func:`vggf` -- VGG-F (Chatfield et al., 2014) for ImageNet-style inputs;
 * :func:`random_architecture` -- a randomly sampled small CNN or MLP, used for
   the robustness study over architectures.
-
-:func:`build` selects one of the fixed architectures by name.
 """
 
 from __future__ import annotations
@@ -25,11 +23,9 @@ from torch import nn
 
 __all__ = [
     "ACTIVATIONS",
-    "MODEL_NAMES",
     "BasicBlock",
     "ResNet",
     "basic_cnn",
-    "build",
     "count_parameters",
     "mlp",
     "random_architecture",
@@ -45,9 +41,6 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid,
     "leaky_relu": lambda: nn.LeakyReLU(0.01),
 }
-
-#: Names accepted by :func:`build`.
-MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn", "cnn-bn", "resnet18", "vggf")
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
@@ -381,29 +374,3 @@ def random_architecture(
 # ---------------------------------------------------------------------------
 # Dispatch by name
 # ---------------------------------------------------------------------------
-
-
-def build(name: str, **kwargs: Any) -> nn.Module:
-    """Build one of the fixed architectures by name.
-
-    Args:
-        name: ``"mlp"``, ``"cnn"`` (basic CNN without batch norm), ``"cnn-bn"``
-            (basic CNN with batch norm), ``"resnet18"`` or ``"vggf"``
-            (case-insensitive; underscores are accepted in place of hyphens).
-        **kwargs: forwarded to the corresponding factory function.
-
-    Raises:
-        ValueError: for an unknown name; the message lists the valid names.
-    """
-    key = name.strip().lower().replace("_", "-")
-    if key == "mlp":
-        return mlp(**kwargs)
-    if key == "cnn":
-        return basic_cnn(batch_norm=False, **kwargs)
-    if key == "cnn-bn":
-        return basic_cnn(batch_norm=True, **kwargs)
-    if key == "resnet18":
-        return resnet18(**kwargs)
-    if key == "vggf":
-        return vggf(**kwargs)
-    raise ValueError(f"unknown model {name!r}; valid choices are: {', '.join(MODEL_NAMES)}")

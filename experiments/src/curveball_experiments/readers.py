@@ -11,8 +11,7 @@ user and never download anything:
 
 All loaders validate what they read; a corrupt or truncated file raises a
 ``ValueError`` whose message names the file and the problem, a missing file a
-``FileNotFoundError`` naming the expected file(s).  :func:`batches` iterates
-over mini-batches of in-memory tensors.
+``FileNotFoundError`` naming the expected file(s).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import os
 import pickle
 import struct
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,6 @@ import torch
 __all__ = [
     "CIFAR10_CLASSES",
     "IMAGE_EXTENSIONS",
-    "batches",
     "load_cifar10",
     "load_image_folder",
     "load_mnist",
@@ -524,37 +521,3 @@ def _decode_image(image_module: Any, path: Path, size: int) -> np.ndarray:
 # ---------------------------------------------------------------------------
 # Mini-batches
 # ---------------------------------------------------------------------------
-
-
-def batches(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    batch_size: int,
-    shuffle: bool = False,
-    generator: torch.Generator | None = None,
-    drop_last: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Iterate over mini-batches ``(x[idx], y[idx])`` of in-memory tensors.
-
-    Args:
-        x, y: tensors with the same first dimension.
-        batch_size: number of samples per batch (the last may be smaller unless
-            ``drop_last``).
-        shuffle: visit the samples in a random order drawn from ``generator``.
-        generator: random generator used when ``shuffle`` is true (for
-            reproducibility); the global one if ``None``.
-        drop_last: skip a final incomplete batch.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    n = x.shape[0]
-    if y.shape[0] != n:
-        raise ValueError(f"x and y have different lengths ({n} and {y.shape[0]})")
-    order = torch.randperm(n, generator=generator) if shuffle else None
-    stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        if order is None:
-            yield x[start : start + batch_size], y[start : start + batch_size]
-        else:
-            idx = order[start : start + batch_size]
-            yield x[idx], y[idx]

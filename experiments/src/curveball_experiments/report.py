@@ -243,17 +243,6 @@ class Report:
         self.plot()
         return text
 
-    def plot_files(self) -> list[Path]:
-        """The PNG files :meth:`plot` writes."""
-        files = []
-        for problem in self.curves:
-            stem = slug(problem)
-            files += [
-                self.out_dir / f"{stem}_vs_iteration.png",
-                self.out_dir / f"{stem}_vs_time.png",
-            ]
-        return files
-
     def plot(self) -> None:
         """Loss against iteration and against wall-clock, one line per optimizer.
 

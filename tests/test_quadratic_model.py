@@ -1,4 +1,4 @@
-"""The 2×2 solve for ρ, β and the damping rule, against closed forms and numpy."""
+"""The quadratic model: its assembly, the 2×2 solve for ρ, β and M(z'), against closed forms."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from curveball._damping import adjust_damping, trust_ratio
-from curveball._quadratic_model import solve_step_sizes
+from curveball._quadratic_model import QuadraticModel, solve_step_sizes
+from curveball._step_scalars import CURVATURE_TERMS, StepScalars
 
 finite = st.floats(-10.0, 10.0, allow_nan=False, allow_infinity=False)
 
@@ -75,12 +75,25 @@ def test_fixed_values_minimise_over_the_other_one():
     assert sizes.rho == pytest.approx(best, abs=1e-3) and sizes.beta == 0.2
 
 
-def test_damping_rule_directions():
-    omega = 0.999**5
-    assert adjust_damping(1.0, 0.1, (0.5, 1.5), omega) == pytest.approx(1.0 / omega)
-    assert adjust_damping(1.0, -3.0, (0.5, 1.5), omega) == pytest.approx(1.0 / omega)
-    assert adjust_damping(1.0, 2.0, (0.5, 1.5), omega) == pytest.approx(omega)
-    assert adjust_damping(1.0, 1.0, (0.5, 1.5), omega) == 1.0
-    assert adjust_damping(1.0, math.nan, (0.5, 1.5), omega) == pytest.approx(1.0 / omega)
-    assert adjust_damping(1.0, None, (0.5, 1.5), omega) == 1.0
-    assert trust_ratio(-1.0, -2.0) == 0.5 and trust_ratio(1.0, 0.0) is None
+def test_model_is_assembled_from_named_scalars_with_damping_and_weight_decay():
+    # two groups: λ = 0.5, κ = (0.1, 0.0); the λ and κ terms weigh each group's inner products
+    scalars = StepScalars(
+        loss=1.0,
+        predictions_finite=True,
+        curvature=dict(zip(CURVATURE_TERMS, (2.0, 0.3, 1.5, -0.7, 0.4), strict=True)),
+        groups={
+            "dz_dz": (1.0, 2.0),
+            "z_dz": (0.5, -0.5),
+            "z_z": (3.0, 1.0),
+            "w_dz": (0.2, 9.0),
+            "w_z": (-0.1, 9.0),
+        },
+    )
+    model = QuadraticModel.assemble(scalars, 0.5, (0.1, 0.0))
+    assert model.a11 == pytest.approx(2.0 + 0.6 * 1.0 + 0.5 * 2.0)
+    assert model.a12 == pytest.approx(0.3 + 0.6 * 0.5 + 0.5 * -0.5)
+    assert model.a22 == pytest.approx(1.5 + 0.6 * 3.0 + 0.5 * 1.0)
+    assert model.b1 == pytest.approx(-0.7 + 0.1 * 0.2)  # the κ w part of the gradient
+    assert model.b2 == pytest.approx(0.4 + 0.1 * -0.1)
+    sizes = model.solve()
+    assert sizes.predicted_change == pytest.approx(model.change(sizes.rho, sizes.beta))
