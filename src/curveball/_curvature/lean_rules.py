@@ -15,6 +15,15 @@ does it more cheaply, with identical results:
   (CurveBall never differentiates a tangent).
 * Max pooling has the tangent ``ẋ`` gathered at the arg-max positions.
 * Average pooling is linear: the tangent is the pooled ``ẋ``.
+* Scaled dot-product attention (``F.scaled_dot_product_attention``), whose
+  fused kernels have no forward-mode formula, gets the closed-form tangent of
+  :mod:`~curveball._curvature.attention_rule`. ``nn.MultiheadAttention`` runs
+  its explicit path (``need_weights=True``, the weights then dropped): inside a
+  function it dispatches, the mode sees no further calls, and that path has
+  PyTorch's own forward-mode formulas. (While the mode is active, PyTorch's
+  fused inference paths of ``nn.MultiheadAttention`` and
+  ``nn.TransformerEncoderLayer`` are not taken, as for any tensor with a
+  ``__torch_function__`` override.)
 * Inside a ``torch.no_grad()`` block of the model, every operation runs on
   the primal values alone: forward-mode AD ignores ``no_grad`` by itself, but
   the reverse-mode gradient (and so ``Δz``) treats such a block as constant,
@@ -25,7 +34,8 @@ parameters, on the same batch and with the same random draws as the first, so
 every layer's primal output equals the one the first pass computed. The first
 pass records the primal outputs of the layers above (and the arg-max positions
 of max pooling); the second pass reuses them and computes only tangents: no
-primal product of a linear or convolution layer and no max-pooling search. A
+primal product of a linear or convolution layer, no max-pooling search and no
+attention weights. A
 record is only reused when the call matches it (same function, shapes, options,
 weight and bias storage and version) and it was not modified in place since;
 from the first mismatch on, layers are computed as usual. Replay therefore
@@ -43,6 +53,12 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
+
+from curveball._curvature.attention_rule import (
+    AttentionCall,
+    attention_primal,
+    attention_tangent,
+)
 
 _BILINEAR = frozenset({F.linear, F.conv1d, F.conv2d, F.conv3d})
 _WITH_INDICES = (F.max_pool1d_with_indices, F.max_pool2d_with_indices, F.max_pool3d_with_indices)
@@ -63,6 +79,7 @@ _AVG_POOL = frozenset(
     }
 )
 _RETURN_INDICES = 6  # position of ``return_indices`` in F.max_poolNd's signature
+_NEED_WEIGHTS = 15  # position of ``need_weights`` in F.multi_head_attention_forward's signature
 
 
 @dataclass
@@ -70,11 +87,13 @@ class Record:
     """One primal result of the recording pass."""
 
     key: tuple[Any, ...]
-    tensors: tuple[torch.Tensor, ...]
+    tensors: tuple[torch.Tensor | None, ...]
     versions: tuple[int, ...]
 
     def valid(self) -> bool:
-        return all(t._version == v for t, v in zip(self.tensors, self.versions, strict=True))
+        return all(
+            t is None or t._version == v for t, v in zip(self.tensors, self.versions, strict=True)
+        )
 
 
 def _plain(t: Any) -> bool:
@@ -129,8 +148,9 @@ class LeanTangents(TorchFunctionMode):
             out = compute()
             tensors = tuple(out) if isinstance(out, tuple) else (out,)
         if self._record:
-            kept = tuple(t.detach() for t in tensors)
-            self.records.append(Record(key, kept, tuple(t._version for t in kept)))
+            kept = tuple(None if t is None else t.detach() for t in tensors)
+            versions = tuple(-1 if t is None else t._version for t in kept)
+            self.records.append(Record(key, kept, versions))
         return tensors
 
     def _unpack(self, t: Any) -> tuple[Any, torch.Tensor | None]:
@@ -153,6 +173,10 @@ class LeanTangents(TorchFunctionMode):
             out = self._max_pool(func, args, kwargs)
         elif func in _AVG_POOL:
             out = self._linear_pool(func, args, kwargs)
+        elif func is F.scaled_dot_product_attention:
+            out = self._attention(args, kwargs)
+        elif func is F.multi_head_attention_forward:
+            out = self._multi_head_attention(func, args, kwargs)
         else:
             out = None
         return func(*args, **kwargs) if out is None else out
@@ -220,3 +244,39 @@ class LeanTangents(TorchFunctionMode):
         with torch.no_grad():
             tangent = func(xt, *args[1:], **kwargs)
         return fwAD.make_dual(primal, tangent, level=self.level)
+
+    def _attention(self, args: tuple, kwargs: dict):
+        call = AttentionCall.bind(args, kwargs)
+        if call is None or not all(_plain(t) for t in (call.query, call.key, call.value)):
+            return None
+        mask = call.attn_mask
+        if mask is not None and not _plain(mask):
+            return None
+        (qp, qt), (kp, kt), (vp, vt) = (self._unpack(t) for t in (call.query, call.key, call.value))
+        mp, mt = self._unpack(mask) if mask is not None else (None, None)
+        if qt is None and kt is None and vt is None and mt is None:
+            return None  # no tangent here: the fused kernels are fine
+        key = (
+            "attention",
+            tuple(qp.shape),
+            tuple(kp.shape),
+            tuple(vp.shape),
+            qp.dtype,
+            None if mp is None else (tuple(mp.shape), mp.dtype),
+            call.options(),
+        )
+        out, p, keep = self._primal(key, lambda: attention_primal(call, qp, kp, vp, mp))
+        tangent = attention_tangent(call, (qp, kp, vp), (qt, kt, vt), mt, p, keep)
+        return fwAD.make_dual(out, tangent, level=self.level)
+
+    def _multi_head_attention(self, func, args: tuple, kwargs: dict):
+        if len(args) > _NEED_WEIGHTS:
+            wanted = bool(args[_NEED_WEIGHTS])
+            args = (*args[:_NEED_WEIGHTS], True, *args[_NEED_WEIGHTS + 1 :])
+        else:
+            wanted = bool(kwargs.get("need_weights", True))
+            kwargs = {**kwargs, "need_weights": True}
+        if wanted:
+            return None
+        out, _ = func(*args, **kwargs)
+        return out, None
