@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from curveball._quadratic_model import QuadraticModel, solve_step_sizes
+from curveball._quadratic_model import QuadraticModel, convexified, solve_step_sizes
 from curveball._step_scalars import CURVATURE_TERMS, StepScalars
 
 finite = st.floats(-10.0, 10.0, allow_nan=False, allow_infinity=False)
@@ -97,3 +97,19 @@ def test_model_is_assembled_from_named_scalars_with_damping_and_weight_decay():
     assert model.b2 == pytest.approx(0.4 + 0.1 * -0.1)
     sizes = model.solve()
     assert sizes.predicted_change == pytest.approx(model.change(sizes.rho, sizes.beta))
+
+
+def test_an_indefinite_network_curvature_is_replaced_by_its_positive_part():
+    terms = dict(zip(CURVATURE_TERMS, (1.0, 2.0, -0.5, 0.3, 0.2), strict=True))
+    out, indefinite = convexified(terms)
+    n = np.array([[1.0, 2.0], [2.0, -0.5]])
+    values, vectors = np.linalg.eigh(n)
+    expected = vectors @ np.diag(np.maximum(values, 0.0)) @ vectors.T
+    got = np.array([[out["jdz_h_jdz"], out["jz_h_jdz"]], [out["jz_h_jdz"], out["jz_h_jz"]]])
+    assert indefinite and np.allclose(got, expected, rtol=1e-12, atol=1e-14)
+    assert (out["jl_jdz"], out["jl_jz"]) == (0.3, 0.2)
+    psd = dict(zip(CURVATURE_TERMS, (1.0, 0.5, 2.0, 0.3, 0.2), strict=True))
+    assert convexified(psd) == (psd, False)
+    first_step = dict(zip(CURVATURE_TERMS, (-3.0, 0.0, 0.0, 0.3, 0.0), strict=True))
+    out, indefinite = convexified(first_step)  # z = 0: only (JΔz)ᵀH_L(JΔz), and it is negative
+    assert indefinite and out["jdz_h_jdz"] == out["jz_h_jdz"] == out["jz_h_jz"] == 0.0

@@ -65,7 +65,13 @@ def test_every_hyper_parameter_is_in_the_param_groups_and_the_state_dict():
         assert group[name] == value
     saved = opt.state_dict()
     assert saved["param_groups"][0]["lambda_interval"] == 3
-    assert saved["curveball"] == {"lambd": 1.0, "step": 0, "rho": None, "beta": None}
+    assert saved["curveball"] == {
+        "lambd": 1.0,
+        "step": 0,
+        "rho": None,
+        "beta": None,
+        "psd_loss": False,
+    }
 
 
 def test_global_hyper_parameters_must_agree_across_groups():

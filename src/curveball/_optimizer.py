@@ -10,7 +10,7 @@ in the modules it calls: curvature products in :mod:`curveball._curvature`, the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,11 +21,11 @@ from curveball import _damping
 from curveball._curvature.engine import JacobianEngine
 from curveball._curvature.engine_choice import MODES, EngineChoice
 from curveball._curvature.forward_mode import ForwardModeEngine
-from curveball._curvature.loss_derivatives import LossDerivatives
+from curveball._curvature.loss_derivatives import MAX_CLAMPED_OUTPUTS, LossDerivatives
 from curveball._curvature.module_tensors import ModuleTensors
 from curveball._distributed import Averager
 from curveball._param_vectors import ParamLayout, dot
-from curveball._quadratic_model import QuadraticModel
+from curveball._quadratic_model import QuadraticModel, convexified
 from curveball._state import STATE_KEY, CurveBallState
 from curveball._step_info import StepInfo
 from curveball._step_scalars import StepScalars
@@ -66,7 +66,37 @@ class _Products:
     predictions: torch.Tensor
     loss: LossDerivatives
     dz: list[torch.Tensor]
-    curvature: dict[str, torch.Tensor] | None  # network-side terms of the 2×2 system
+    jz: torch.Tensor
+    h_jz: torch.Tensor
+    jdz: torch.Tensor | None = None  # with H_L JΔz, only when ρ and β are solved for
+    h_jdz: torch.Tensor | None = None
+    dz_scale: float = 1.0  # jdz and h_jdz belong to dz_scale · Δz
+
+    def curvature(self, precise: bool) -> dict[str, torch.Tensor] | None:
+        """The network-side terms of the 2×2 system (float64 accumulation if ``precise``)."""
+        if self.jdz is None or self.h_jdz is None:
+            return None
+        j_loss = self.loss.grad.detach()
+        c = self.dz_scale  # a power of two: undoing it is exact
+        return {
+            "jdz_h_jdz": dot(self.jdz, self.h_jdz, precise) / (c * c),
+            "jz_h_jdz": dot(self.jz, self.h_jdz, precise) / c,
+            "jz_h_jz": dot(self.jz, self.h_jz, precise),
+            "jl_jdz": dot(j_loss, self.jdz, precise) / c,
+            "jl_jz": dot(j_loss, self.jz, precise),
+        }
+
+    def rescale_dz(self, engine: JacobianEngine, dz_dz: Sequence[float]) -> None:
+        """``J(cΔz)`` and ``H_L J(cΔz)`` with ``c`` a power of two making ``‖cΔz‖ ≈ 1``.
+
+        ``Δz`` grows with the loss's scale and ``H_L JΔz`` with its square, which
+        leaves float32's range for losses near 1e20; the method itself is
+        invariant to that scale.
+        """
+        norm = math.sqrt(sum(v for v in dz_dz if math.isfinite(v)) or 1.0)
+        self.dz_scale = 2.0 ** -round(math.log2(norm)) if math.isfinite(norm) else 1.0
+        self.jdz = engine.jvp(torch._foreach_mul(self.dz, self.dz_scale))
+        self.h_jdz = self.loss.hvp(self.jdz)
 
 
 class CurveBall(torch.optim.Optimizer):
@@ -393,7 +423,8 @@ class CurveBall(torch.optim.Optimizer):
         zs = layout.zs
         assert zs is not None
         y, jz = engine.linearize(model_fn, zs, jvp_follows=plan.refresh)
-        loss = LossDerivatives(loss_fn, y)
+        psd = self.curveball_state.psd_loss and LossDerivatives.can_clamp(y)
+        loss = LossDerivatives(loss_fn, y, psd=psd)
         j_loss = loss.grad.detach()
         h_jz = loss.hvp(jz)
         dz = engine.vjp(h_jz + j_loss)  # Jᵀ(H_L J z + J_L), then + κ w + (λ + κ) z
@@ -410,21 +441,21 @@ class CurveBall(torch.optim.Optimizer):
                 torch._foreach_add_(
                     [dz[i] for i in members], [zs[i] for i in members], alpha=factor
                 )
-        curvature = None
+        products = _Products(y, loss, dz, jz, h_jz)
         if plan.refresh:
-            jdz = engine.jvp(dz)
-            h_jdz = loss.hvp(jdz)
-            curvature = {
-                "jdz_h_jdz": dot(jdz, h_jdz),
-                "jz_h_jdz": dot(jz, h_jdz),
-                "jz_h_jz": dot(jz, h_jz),
-                "jl_jdz": dot(j_loss, jdz),
-                "jl_jz": dot(j_loss, jz),
-            }
-        return _Products(y, loss, dz, curvature)
+            products.jdz = engine.jvp(dz)
+            products.h_jdz = loss.hvp(products.jdz)
+        return products
 
     def _read_scalars(self, products: _Products, layout: _Layout, plan: _Plan) -> StepScalars:
-        """Every scalar the step needs, on the host in one transfer."""
+        """Every scalar the step needs, on the host in one transfer.
+
+        The inner products accumulate in the parameters' precision (float32 at
+        least). Should one overflow (a loss near 1e20 in float32 has squared norms
+        beyond float32's range), they are formed again in float64, and ``JΔz`` for a
+        rescaled ``Δz`` if that is still not enough: one or two more host
+        transfers (and a forward-mode pass) on such a step only, no cost on others.
+        """
         dz, zs = products.dz, layout.zs
         assert zs is not None
         pairs = {"dz_dz": (dz, dz)}
@@ -433,16 +464,27 @@ class CurveBall(torch.optim.Optimizer):
             if any(group["weight_decay"] > 0 for group in self.param_groups):
                 weights = [p.detach() for p in layout.params]
                 pairs.update(w_dz=(weights, dz), w_z=(weights, zs))
-        dots = layout.vectors.group_dots(list(pairs.values()))
-        scalars = StepScalars.read(
+        scalars = self._gather(products, layout, pairs, precise=False)
+        if _overflowed(scalars):
+            scalars = self._gather(products, layout, pairs, precise=True)
+            if _overflowed(scalars) and plan.refresh:
+                # H_L JΔz itself overflowed: redo it for a rescaled Δz
+                products.rescale_dz(layout.engines.engine, scalars.groups["dz_dz"])
+                scalars = self._gather(products, layout, pairs, precise=True)
+        products.loss.release()
+        return scalars
+
+    def _gather(
+        self, products: _Products, layout: _Layout, pairs: dict, precise: bool
+    ) -> StepScalars:
+        dots = layout.vectors.group_dots(list(pairs.values()), precise)
+        return StepScalars.read(
             products.loss.loss,
             products.predictions,
-            products.curvature,
+            products.curvature(precise),
             dict(zip(pairs, dots, strict=True)),
             self.averager,
         )
-        products.loss.release()
-        return scalars
 
     def _decide(self, scalars: StepScalars, plan: _Plan, hyper: dict[str, Any]) -> StepInfo:
         """Solve for ρ and β (or reuse them), unless a scalar is non-finite."""
@@ -463,14 +505,39 @@ class CurveBall(torch.optim.Optimizer):
             beta = hyper["beta"] if hyper["beta"] is not None else last[1]
             return replace(info, rho=rho, beta=beta, predicted_change=math.nan, refreshed=False)
         weight_decays = [group["weight_decay"] for group in self.param_groups]
-        model = QuadraticModel.assemble(scalars, plan.lambd, weight_decays)
+        assert scalars.curvature is not None
+        if not all(math.isfinite(v) for v in scalars.curvature.values()):
+            return skipped("non-finite J Δz or 2×2 system")
+        curvature, indefinite = convexified(scalars.curvature)
+        if indefinite:
+            self._loss_not_convex()
+        model = QuadraticModel.assemble(scalars, plan.lambd, weight_decays, curvature)
         if not model.is_finite():
             return skipped("non-finite J Δz or 2×2 system")
         sizes = model.solve(hyper["momentum"], hyper["beta"])
         if not all(math.isfinite(v) for v in (sizes.rho, sizes.beta, sizes.predicted_change)):
             return skipped("non-finite 2×2 solution")
-        return replace(
+        info = replace(
             info, rho=sizes.rho, beta=sizes.beta, predicted_change=sizes.predicted_change
+        )
+        if sizes.rho == 0.0 and sizes.beta == 0.0 and (model.b1 != 0.0 or model.b2 != 0.0):
+            return skipped(
+                "no move: the quadratic model has no descent direction in span{z, Δz} "
+                "(no curvature and no damping along the gradient)"
+            )
+        return info
+
+    def _loss_not_convex(self) -> None:
+        """Use the positive part of H_L from the next step on; say so once."""
+        self.curveball_state.psd_loss = True
+        self._warn_once(
+            "not convex",
+            "CurveBall: the loss is not convex in the predictions (its Hessian H_L has negative "
+            "curvature along this step's directions); this step uses the positive part of the "
+            "2×2 model, and later steps the positive part of H_L per sample (for up to "
+            f"{MAX_CLAMPED_OUTPUTS} predictions per sample; beyond that, each step's 2×2 model "
+            "is made convex), which keeps the curvature positive semi-definite as the method "
+            "requires",
         )
 
     def _commit(self, info: StepInfo, dz: list[torch.Tensor]) -> None:
@@ -541,6 +608,12 @@ class CurveBall(torch.optim.Optimizer):
 
 def _nothing() -> None:
     return None
+
+
+def _overflowed(scalars: StepScalars) -> bool:
+    """Whether an inner product is non-finite although the loss and predictions are finite."""
+    finite_inputs = math.isfinite(scalars.loss) and scalars.predictions_finite
+    return finite_inputs and not all(math.isfinite(v) for v in scalars.values())
 
 
 def _engine_name(engine: JacobianEngine) -> str:

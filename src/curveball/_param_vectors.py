@@ -21,9 +21,12 @@ from curveball._distributed import Averager
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Inner product of two same-shaped tensors, accumulated in float32 or better."""
-    if a.dtype in _LOW_PRECISION:
+def dot(a: torch.Tensor, b: torch.Tensor, precise: bool = False) -> torch.Tensor:
+    """Inner product of two same-shaped tensors, accumulated in float32 or better
+    (in float64 if ``precise``)."""
+    if precise and a.dtype != torch.float64:
+        a, b = a.double(), b.double()
+    elif a.dtype in _LOW_PRECISION:
         a, b = a.float(), b.float()
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
@@ -53,17 +56,19 @@ class ParamLayout:
         self._buckets = list(buckets.values())
 
     def group_dots(
-        self, pairs: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]]
+        self,
+        pairs: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]],
+        precise: bool = False,
     ) -> torch.Tensor:
         """Inner products per parameter group for several pairs of vectors.
 
         Returns a float64 tensor of shape ``(len(pairs), num_groups)`` on the
         first parameter's device (per-parameter products are accumulated in the
-        parameters' precision, float32 at least).
+        parameters' precision, float32 at least, or in float64 if ``precise``).
         """
         rows = []
         for a, b in pairs:
-            dots = [dot(x, y) for x, y in zip(a, b, strict=True)]
+            dots = [dot(x, y, precise) for x, y in zip(a, b, strict=True)]
             if not (self._single_device and self._single_dtype):
                 dots = [d.to(device=self.device, dtype=torch.float64) for d in dots]
             rows.append(torch.stack(dots))

@@ -15,6 +15,14 @@ gradient gains ``κ w`` and the damping ``κ``. The system is singular whenever
 ``z`` and ``Δz`` are parallel, in particular at the first step where ``z = 0``;
 the minimum-norm (pseudo-inverse) solution is then the minimiser over the line
 that the plane degenerates to, and is always finite.
+
+With a loss that is not convex in the predictions, the network-side part of the
+system, ``N = [[(JΔz)ᵀH_L(JΔz), (Jz)ᵀH_L(JΔz)], [·, (Jz)ᵀH_L(Jz)]]``, can be
+indefinite, and the model then has no minimiser on the plane.
+:func:`convexified` replaces ``N`` by its positive part (an eigenvalue clamp of
+the 2×2 matrix), so that with ``λ > 0`` the system is positive definite and the
+step still descends along the true gradient; an indefinite ``N`` also proves
+that ``H_L`` is not positive semi-definite.
 """
 
 from __future__ import annotations
@@ -35,6 +43,26 @@ class StepSizes:
     predicted_change: float
 
 
+INDEFINITE_RTOL = 1e-9
+"""An eigenvalue of ``N`` below ``−INDEFINITE_RTOL`` times its largest magnitude is negative."""
+
+
+def convexified(curvature: dict[str, float]) -> tuple[dict[str, float], bool]:
+    """The network-side terms with ``N`` made positive semi-definite, and whether it was not."""
+    a, b, c = curvature["jdz_h_jdz"], curvature["jz_h_jdz"], curvature["jz_h_jz"]
+    mean, radius = 0.5 * (a + c), math.hypot(0.5 * (a - c), b)
+    low, high = mean - radius, mean + radius
+    if not low < -INDEFINITE_RTOL * max(abs(low), abs(high)):
+        return curvature, False
+    # N⁺ = high · u uᵀ with u the eigenvector of the largest eigenvalue (0 if that is negative)
+    angle = 0.5 * math.atan2(2.0 * b, a - c)
+    u1, u2 = math.cos(angle), math.sin(angle)
+    keep = max(high, 0.0)
+    out = dict(curvature)
+    out.update(jdz_h_jdz=keep * u1 * u1, jz_h_jdz=keep * u1 * u2, jz_h_jz=keep * u2 * u2)
+    return out, True
+
+
 @dataclass(frozen=True)
 class QuadraticModel:
     """The coefficients of ``M`` on the plane spanned by ``z`` and ``Δz``."""
@@ -47,10 +75,16 @@ class QuadraticModel:
 
     @staticmethod
     def assemble(
-        scalars: StepScalars, lambd: float, weight_decays: Sequence[float]
+        scalars: StepScalars,
+        lambd: float,
+        weight_decays: Sequence[float],
+        curvature: dict[str, float] | None = None,
     ) -> QuadraticModel:
-        """Build the system from a step's inner products, λ and the groups' weight decays."""
-        net, groups = scalars.curvature, scalars.groups
+        """Build the system from a step's inner products, λ and the groups' weight decays.
+
+        ``curvature`` replaces the step's network-side terms (e.g. :func:`convexified`'s).
+        """
+        net, groups = curvature or scalars.curvature, scalars.groups
         assert net is not None
 
         def damped(term: str) -> float:  # Σ_groups (λ + κ) · (inner product)

@@ -23,12 +23,15 @@ class CurveBallState:
         step: the number of steps taken.
         rho: the last automatically solved momentum ρ (reused between refreshes).
         beta: the last automatically solved step β.
+        psd_loss: whether the loss was found not convex in the predictions, so that
+            the positive part of its Hessian is used (see ``loss_derivatives``).
     """
 
     lambd: float
     step: int = 0
     rho: float | None = None
     beta: float | None = None
+    psd_loss: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,6 +56,7 @@ class CurveBallState:
                 step=int(saved["step"]),
                 rho=None if saved.get("rho") is None else float(saved["rho"]),
                 beta=None if saved.get("beta") is None else float(saved["beta"]),
+                psd_loss=bool(saved.get("psd_loss", False)),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"state_dict['{STATE_KEY}']: malformed ({error!r})") from error

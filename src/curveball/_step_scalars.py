@@ -43,6 +43,11 @@ class StepScalars:
     curvature: dict[str, float] | None
     groups: dict[str, tuple[float, ...]]
 
+    def values(self) -> list[float]:
+        """Every inner product of the step (the loss and the flag excluded)."""
+        out = list(self.curvature.values()) if self.curvature is not None else []
+        return out + [v for row in self.groups.values() for v in row]
+
     @staticmethod
     def read(
         loss: torch.Tensor,

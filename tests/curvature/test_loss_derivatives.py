@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from cases import CLASSES, LOSSES
 from torch.func import grad, hessian
 
@@ -33,3 +35,35 @@ def test_a_loss_that_ignores_the_predictions_has_zero_derivatives():
 def test_a_loss_must_be_a_floating_point_scalar_tensor(bad):
     with pytest.raises(TypeError, match="loss_fn"):
         LossDerivatives(bad, torch.randn(4, 2))
+
+
+def one_minus_p_correct(targets: torch.Tensor):
+    """A smooth loss that is not convex in the logits."""
+    return lambda y: (1.0 - torch.softmax(y, dim=1).gather(1, targets[:, None])).mean()
+
+
+def welsch(targets: torch.Tensor):
+    """A robust regression loss: convex near zero residual, concave far from it."""
+    onehot = F.one_hot(targets, CLASSES).double()
+    return lambda y: (1.0 - torch.exp(-((y - onehot) ** 2))).sum(dim=1).mean()
+
+
+@pytest.mark.parametrize("make_loss", [one_minus_p_correct, welsch, LOSSES["log_cosh"]])
+def test_psd_products_use_the_clamped_per_sample_blocks_of_the_dense_hessian(make_loss):
+    g = torch.Generator().manual_seed(3)
+    y = 2.0 * torch.randn(5, CLASSES, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, CLASSES, (5,), generator=g)
+    loss_fn = make_loss(targets)
+    dense = hessian(loss_fn)(y)  # (B, C, B, C)
+    blocks = torch.stack([dense[i, :, i, :] for i in range(5)]).numpy()
+    values, vectors = np.linalg.eigh(blocks)
+    clamped = np.einsum("bij,bj,bkj->bik", vectors, np.maximum(values, 0.0), vectors)
+    v = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    expected = np.einsum("bij,bj->bi", clamped, v.numpy())
+    got = LossDerivatives(loss_fn, y, psd=True).hvp(v)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12)
+    if make_loss is LOSSES["log_cosh"]:  # already convex: the clamp changes nothing
+        exact = LossDerivatives(loss_fn, y).hvp(v)
+        torch.testing.assert_close(got, exact, rtol=1e-10, atol=1e-12)
+    else:
+        assert values.min() < 0.0  # the oracle really had something to clamp

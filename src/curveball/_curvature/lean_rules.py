@@ -24,6 +24,11 @@ does it more cheaply, with identical results:
   fused inference paths of ``nn.MultiheadAttention`` and
   ``nn.TransformerEncoderLayer`` are not taken, as for any tensor with a
   ``__torch_function__`` override.)
+* Weight normalisation (``torch._weight_norm``, whose fused kernel has no
+  forward-mode formula) is computed as ``g · v / ‖v‖`` from differentiable parts.
+* Recurrent layers (``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh``,
+  ``torch.rnn_relu``) run with oneDNN disabled: its float32 CPU kernel has no
+  forward-mode formula, PyTorch's native one has.
 * Inside a ``torch.no_grad()`` block of the model, every operation runs on
   the primal values alone: forward-mode AD ignores ``no_grad`` by itself, but
   the reverse-mode gradient (and so ``Δz``) treats such a block as constant,
@@ -44,7 +49,8 @@ changes the cost of the pass, never its result.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,7 +85,19 @@ _AVG_POOL = frozenset(
     }
 )
 _RETURN_INDICES = 6  # position of ``return_indices`` in F.max_poolNd's signature
+_RECURRENT = frozenset({torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu})
 _NEED_WEIGHTS = 15  # position of ``need_weights`` in F.multi_head_attention_forward's signature
+
+
+@contextmanager
+def _onednn_disabled() -> Iterator[None]:
+    """oneDNN off for a block (``torch.backends.mkldnn.flags`` without its warnings)."""
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
 
 
 @dataclass
@@ -177,6 +195,13 @@ class LeanTangents(TorchFunctionMode):
             out = self._attention(args, kwargs)
         elif func is F.multi_head_attention_forward:
             out = self._multi_head_attention(func, args, kwargs)
+        elif func is torch._weight_norm:
+            v, g, *rest = (*args, *kwargs.values())
+            dim = rest[0] if rest else 0
+            return v * (g / torch.norm_except_dim(v, 2, dim))
+        elif func in _RECURRENT:
+            with _onednn_disabled():
+                return func(*args, **kwargs)
         else:
             out = None
         return func(*args, **kwargs) if out is None else out

@@ -4,10 +4,22 @@ CurveBall needs, at the predictions ``y``, the loss ``L``, its gradient
 ``J_L = dL/dy`` and products with its Hessian ``H_L = d²L/dy²``. They are
 computed by automatic differentiation of ``loss_fn`` with respect to ``y`` only,
 which is cheap because ``y`` is small compared with the parameters, and works
-for any scalar loss that is twice differentiable in ``y``. (Closed forms exist
-for softmax cross-entropy and squared error, e.g. ``H_L v = 2 v / B`` for a
-summed-then-batch-averaged squared error; with this small a ``y`` they save no
-measurable time, so one general code path serves every loss.)
+for any scalar loss that is twice differentiable in ``y``.
+
+*Losses that are not convex in the predictions.* The method needs a positive
+semi-definite curvature ``G = Jᵀ H_L J``; with an indefinite ``H_L`` (a smooth
+``1 − p_correct``, a robust Welsch or Cauchy regression loss, a negated
+likelihood term) the quadratic model has no minimiser. With ``psd=True``,
+``H_L`` is replaced by its positive part, computed per sample: for a loss that
+sums or averages over the samples (the first dimension of ``y``), ``H_L`` is
+block-diagonal with one ``C × C`` block per sample (``C`` the number of
+predictions per sample); each block ``B = V diag(μ) Vᵀ`` becomes
+``V diag(max(μ, 0)) Vᵀ``. That is the nearest positive semi-definite matrix to
+``H_L`` (in the Frobenius norm, block by block), it equals ``H_L`` wherever
+``H_L`` is already positive semi-definite, and it keeps the curvature that the
+loss has, unlike a Fisher substitute built from gradients alone. It costs ``C``
+Hessian-vector products in ``y`` and a batched ``C × C`` eigendecomposition per
+step, so it is offered for ``C ≤`` :data:`MAX_CLAMPED_OUTPUTS`.
 """
 
 from __future__ import annotations
@@ -16,6 +28,9 @@ from collections.abc import Callable
 
 import torch
 
+MAX_CLAMPED_OUTPUTS = 256
+"""The largest number of predictions per sample for which ``psd=True`` is offered."""
+
 
 class LossDerivatives:
     """``L``, ``J_L`` and ``v ↦ H_L v`` of ``loss_fn`` at the predictions ``y``.
@@ -23,12 +38,18 @@ class LossDerivatives:
     Args:
         loss_fn: maps predictions to a scalar loss tensor.
         predictions: the point ``y``; it is detached from any graph.
+        psd: use the positive part of ``H_L``, per sample (see the module doc).
 
     Raises:
         TypeError: if ``loss_fn`` does not return a floating-point scalar tensor.
     """
 
-    def __init__(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], predictions: torch.Tensor):
+    def __init__(
+        self,
+        loss_fn: Callable[[torch.Tensor], torch.Tensor],
+        predictions: torch.Tensor,
+        psd: bool = False,
+    ):
         self.predictions = predictions.detach().requires_grad_(True)
         with torch.enable_grad():
             loss = loss_fn(self.predictions)
@@ -49,11 +70,42 @@ class LossDerivatives:
         self.loss = loss.detach()
         self.grad = grad  # J_L, still attached to the loss graph for H_L products
         self._linear = not grad.requires_grad
+        self._blocks: torch.Tensor | None = None
+        if psd and not self._linear:
+            self._blocks = self._positive_blocks()
+
+    @staticmethod
+    def can_clamp(predictions: torch.Tensor) -> bool:
+        """Whether ``psd=True`` is offered for predictions of this shape."""
+        return predictions.dim() >= 1 and predictions[0].numel() <= MAX_CLAMPED_OUTPUTS
+
+    def _positive_blocks(self) -> torch.Tensor:
+        """The per-sample blocks of ``H_L`` with their negative eigenvalues set to zero."""
+        y = self.predictions
+        if not self.can_clamp(y):
+            raise ValueError(
+                f"psd: per-sample Hessian blocks of {y[0].numel()} predictions exceed "
+                f"{MAX_CLAMPED_OUTPUTS}"
+            )
+        batch, width = y.shape[0], y[0].numel()
+        probes = torch.eye(width, dtype=y.dtype, device=y.device)  # e_c in every sample at once
+        probes = probes[:, None, :].expand(width, batch, width).reshape(width, *y.shape)
+        (columns,) = torch.autograd.grad(
+            self.grad, y, probes, retain_graph=True, is_grads_batched=True
+        )
+        blocks = columns.reshape(width, batch, width).permute(1, 2, 0).to(torch.float64)
+        blocks = 0.5 * (blocks + blocks.transpose(1, 2))
+        values, vectors = torch.linalg.eigh(blocks)
+        positive = (vectors * values.clamp_min(0.0)[:, None, :]) @ vectors.transpose(1, 2)
+        return positive.to(y.dtype)
 
     def hvp(self, vector: torch.Tensor) -> torch.Tensor:
-        """``H_L v`` for a tangent ``v`` shaped like the predictions."""
+        """``H_L v`` (or its positive part's) for a tangent ``v`` shaped like the predictions."""
         if self._linear:
             return torch.zeros_like(vector)
+        if self._blocks is not None:
+            flat = vector.reshape(vector.shape[0], -1, 1)
+            return (self._blocks @ flat).reshape(vector.shape)
         (out,) = torch.autograd.grad(
             self.grad, self.predictions, vector, retain_graph=True, allow_unused=True
         )
@@ -63,3 +115,4 @@ class LossDerivatives:
         """Free the loss graph."""
         self.grad = self.grad.detach()
         self._linear = True
+        self._blocks = None
