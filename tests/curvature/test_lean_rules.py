@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curveball._curvature.lean_rules import LeanTangents
 
@@ -259,3 +260,92 @@ def test_a_frozen_parameter_operand_is_handled_like_a_tensor():
     assert len(rules.records) == 1
     torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- attention
+def math_attention(**options):
+    def attend(q, k, v):
+        with sdpa_kernel(SDPBackend.MATH):  # PyTorch's own forward-mode formulas
+            return F.scaled_dot_product_attention(q, k, v, **options)
+
+    return attend
+
+
+ATTENTION = {
+    "plain": ({}, 4),
+    "causal": ({"is_causal": True}, 4),
+    "bool_mask": ({"attn_mask": torch.rand(5, 6, generator=gen) > 0.3}, 4),
+    "additive_mask": ({"attn_mask": randn(5, 6)}, 4),
+    "scale": ({"scale": 0.3}, 4),
+    "gqa": ({"enable_gqa": True}, 2),
+}
+
+
+@pytest.mark.parametrize("tangent_of", ["q", "k", "v", "qkv"])
+@pytest.mark.parametrize("name", sorted(ATTENTION))
+def test_attention_rule_equals_the_math_backend(name, tangent_of):
+    options, kv_heads = ATTENTION[name]
+    primals = [randn(2, 4, 5, 8), randn(2, kv_heads, 6, 8), randn(2, kv_heads, 6, 8)]
+    if name == "bool_mask":
+        options["attn_mask"][:, 0] = True  # no fully masked row: the math backend gives NaN
+    tangents = [randn(*p.shape) if n in tangent_of else None for n, p in zip("qkv", primals)]
+    rules = LeanTangents(0, record=True)
+    ours = run(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **options), primals, tangents, rules
+    )
+    theirs = run(math_attention(**options), primals, tangents)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-12, atol=1e-12)
+    replayed = run(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **options),
+        primals,
+        tangents,
+        LeanTangents(0, replay=rules.records),
+    )
+    assert torch.equal(replayed[1], ours[1])
+
+
+def test_attention_dropout_uses_one_mask_for_the_primal_and_every_tangent():
+    primals = [randn(2, 3, 5, 4), randn(2, 3, 5, 4), randn(2, 3, 5, 4)]
+    tangents = [randn(*p.shape) for p in primals]
+    torch.manual_seed(1)
+    rules = LeanTangents(0, record=True)
+    primal, tangent = run(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.4),
+        primals,
+        tangents,
+        rules,
+    )
+    keep = rules.records[0].tensors[2]
+    assert set(keep.unique().tolist()) == {0.0, 1.0 / 0.6}
+
+    def with_fixed_mask(q, k, v):
+        weights = torch.softmax(q @ k.transpose(-2, -1) / 2.0, dim=-1)
+        return (weights * keep) @ v
+
+    expected = torch.func.jvp(with_fixed_mask, tuple(primals), tuple(tangents))
+    torch.testing.assert_close(primal, expected[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tangent, expected[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_multi_head_attention_runs_in_forward_mode_with_its_builtin_results(need_weights):
+    torch.manual_seed(0)
+    attention = torch.nn.MultiheadAttention(8, 2, batch_first=True).double().eval()
+    x = randn(2, 5, 8)
+    names = [n for n, _ in attention.named_parameters()]
+    tangents = [randn(*p.shape) for p in attention.parameters()]
+
+    def call(*weights):
+        params = dict(zip(names, weights, strict=True))
+        return torch.func.functional_call(
+            attention, params, (x, x, x), {"need_weights": need_weights}
+        )
+
+    primals = [p.detach() for p in attention.parameters()]
+    ours = run(call, primals, tangents, LeanTangents(0))
+    attention.train()  # no dropout here: the same function, without the fused inference path
+    with sdpa_kernel(SDPBackend.MATH):
+        theirs = torch.func.jvp(lambda *w: call(*w)[0], tuple(primals), tuple(tangents))
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-12, atol=1e-12)

@@ -29,3 +29,14 @@ def test_parameters_outside_the_module_are_named():
     stray = nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match="not registered"):
         ModuleTensors(nn.Linear(2, 2), [stray])
+
+
+def test_recurrent_layers_compute_with_the_substituted_weights():
+    lstm = nn.LSTM(3, 4, batch_first=True)
+    x = torch.randn(2, 5, 3)
+    tensors = ModuleTensors(lstm, list(lstm.parameters()))
+    zeros = [torch.zeros_like(p) for p in lstm.parameters()]
+    with tensors.substituted(zeros):
+        out, _ = lstm(x)
+    assert torch.equal(out, torch.zeros_like(out))  # all weights zero: h stays zero
+    assert not torch.equal(lstm(x)[0], torch.zeros_like(out))  # and the real ones are back

@@ -5,13 +5,15 @@ value plus a tangent) in place of its parameters, and the extra passes of a
 CurveBall step must not mutate the module's real buffers (batch-norm running
 statistics). :class:`ModuleTensors` records where every trainable parameter and
 every buffer lives inside the module tree so that both can be swapped in and
-out cheaply, without copying any data.
+out cheaply, without copying any data (recurrent layers, which read their
+weights from a list of their own, get that list swapped too).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,13 +61,17 @@ class ModuleTensors:
         buffers: Sequence[torch.Tensor] | None = None,
     ) -> Iterator[None]:
         """Run the body with ``params`` and/or ``buffers`` in place of the module's own."""
-        saved: list[tuple[dict, str, torch.Tensor]] = []
+        saved: list[tuple[Any, Any, torch.Tensor]] = []
         try:
             if params is not None:
                 for slots, tensor in zip(self.param_slots, params, strict=True):
                     for sub, name in slots:
                         saved.append((sub._parameters, name, sub._parameters[name]))
                         sub._parameters[name] = tensor
+                        flat = _flat_weight_index(sub, name)
+                        if flat is not None:  # recurrent layers keep their own list too
+                            saved.append((sub._flat_weights, flat, sub._flat_weights[flat]))
+                            sub._flat_weights[flat] = tensor
             if buffers is not None:
                 for (sub, name), tensor in zip(self.buffer_slots, buffers, strict=True):
                     saved.append((sub._buffers, name, sub._buffers[name]))
@@ -74,3 +80,12 @@ class ModuleTensors:
         finally:
             for store, name, tensor in reversed(saved):
                 store[name] = tensor
+
+
+def _flat_weight_index(module: nn.Module, name: str) -> int | None:
+    """Where ``nn.RNNBase`` keeps parameter ``name`` in ``_flat_weights``, which its
+    forward reads instead of the registered parameters."""
+    names = getattr(module, "_flat_weights_names", None)
+    if names is None or name not in names or not hasattr(module, "_flat_weights"):
+        return None
+    return names.index(name)

@@ -1,0 +1,160 @@
+"""Which engine a step uses, and the fallback rule: decided by where a failure happens."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cases import cross_entropy
+from torch import nn
+from torch.nn.utils import parametrizations, spectral_norm
+from torch.utils.checkpoint import checkpoint
+
+from curveball import CurveBall
+from curveball._curvature import engine_choice
+from curveball._curvature.engine_choice import EngineChoice
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.reentrant = nn.Linear(5, 8), nn.Linear(8, 3), reentrant
+
+    def forward(self, x):
+        hidden = checkpoint(lambda h: torch.tanh(self.a(h)), x, use_reentrant=self.reentrant)
+        return self.b(hidden)
+
+
+class NoForwardModeSquare(torch.autograd.Function):
+    """x², with a backward formula but no forward-mode one."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+MODELS = {
+    # name: (builder, the engine a step should use)
+    "spectral_norm": (
+        lambda: nn.Sequential(spectral_norm(nn.Linear(5, 8)), nn.Tanh(), nn.Linear(8, 3)),
+        "forward",
+    ),
+    "parametrized_spectral_norm": (
+        lambda: nn.Sequential(
+            parametrizations.spectral_norm(nn.Linear(5, 8)), nn.Tanh(), nn.Linear(8, 3)
+        ),
+        "forward",
+    ),
+    "weight_norm": (
+        lambda: nn.Sequential(
+            parametrizations.weight_norm(nn.Linear(5, 8)), nn.Tanh(), nn.Linear(8, 3)
+        ),
+        "forward",
+    ),
+    "checkpoint_non_reentrant": (lambda: Checkpointed(reentrant=False), "double-backward"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_models_train_by_default_on_the_fastest_path_that_works(name):
+    build, engine = MODELS[name]
+    torch.manual_seed(0)
+    model = build().double()
+    x = torch.randn(16, 5, dtype=torch.float64)
+    t = torch.randint(0, 3, (16,))
+    opt = CurveBall(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        losses = [opt.step(lambda: model(x), cross_entropy(t))[0].item() for _ in range(10)]
+    assert opt.last.engine == engine
+    assert losses[-1] < 0.7 * losses[0]
+    fallbacks = [w for w in caught if "forward-mode AD failed" in str(w.message)]
+    assert len(fallbacks) == (engine == "double-backward")
+
+
+def test_float32_recurrent_layers_run_in_forward_mode():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(4, 6, batch_first=True)
+    head = nn.Linear(6, 3)
+    model = nn.ModuleList([lstm, head])
+    x = torch.randn(5, 7, 4)
+    t = torch.randint(0, 3, (5,))
+    opt = CurveBall(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        opt.step(lambda: head(lstm(x)[0][:, -1]), cross_entropy(t))
+    assert opt.last.engine == "forward"
+
+
+def test_a_user_error_is_raised_as_it_is_without_a_fallback_warning():
+    model = nn.Linear(5, 3)
+    opt = CurveBall(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            opt.step(lambda: model(torch.randn(4, 6)), lambda y: y.sum())
+    assert opt.steps == 0
+
+
+def test_after_a_fallback_forward_mode_is_tried_again_later(monkeypatch):
+    monkeypatch.setattr(engine_choice, "FIRST_RETRY", 2)
+    lin = nn.Linear(3, 3).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    use_square = [True]
+
+    def model_fn():
+        h = lin(x)
+        return NoForwardModeSquare.apply(h) if use_square[0] else h
+
+    opt = CurveBall(lin)
+    engines = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for step in range(8):
+            use_square[0] = step < 1  # one unusual batch
+            opt.step(model_fn, lambda y: y.pow(2).mean())
+            engines.append(opt.last.engine)
+    assert engines == ["double-backward"] * 3 + ["forward"] * 5
+
+
+def test_the_retry_interval_doubles_while_forward_mode_keeps_failing(monkeypatch):
+    monkeypatch.setattr(engine_choice, "FIRST_RETRY", 1)
+    lin = nn.Linear(3, 3).double()
+    choice = EngineChoice(list(lin.parameters()), None, "auto")
+    assert choice.mode == "double-backward"  # no module: double backward only
+    model = nn.Sequential(nn.Linear(3, 3)).double()
+    opt = CurveBall(model)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    tries = []
+    real_attempt = EngineChoice._attempt
+
+    def counting(self, engine, attempt):
+        tries.append(type(engine).__name__)
+        return real_attempt(self, engine, attempt)
+
+    monkeypatch.setattr(EngineChoice, "_attempt", counting)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(7):
+            opt.step(lambda: NoForwardModeSquare.apply(model(x)), lambda y: y.pow(2).mean())
+    forward_tries = [i for i, name in enumerate(tries) if name == "ForwardModeEngine"]
+    # steps 1, 3, 6 try forward mode (waits of 1, then 2); each failure is followed by a retry
+    assert len(forward_tries) == 3
+
+
+def test_forward_mode_only_raises_the_original_error():
+    model = nn.Linear(3, 3).double()
+    opt = CurveBall(model, forward_mode="forward")
+    with pytest.raises(NotImplementedError, match="jvp"):
+        opt.step(
+            lambda: NoForwardModeSquare.apply(model(torch.randn(2, 3, dtype=torch.float64))),
+            lambda y: F.mse_loss(y, torch.zeros_like(y)),
+        )
