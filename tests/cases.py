@@ -115,3 +115,11 @@ LOSSES: dict[str, Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor
     "mse": mse,
     "log_cosh": log_cosh,
 }
+
+
+# The zoo of model families people use (transformers, recurrent, normalisation, ...),
+# shared with the conformance benchmark.
+from benchmarks.zoo import ZOO  # noqa: E402
+from benchmarks.zoo import cross_entropy as zoo_cross_entropy  # noqa: E402
+
+__all__ = ["CASES", "CLASSES", "LOSSES", "ZOO", "Case", "zoo_cross_entropy"]

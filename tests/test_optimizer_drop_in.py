@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cases import CASES, cross_entropy
-from oracles import flat_params
 from torch import nn
 
+from benchmarks.oracles import flat_params
 from curveball import CurveBall
 
 

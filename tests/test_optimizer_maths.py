@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cases import CASES, cross_entropy
-from oracles import dense_problem, flat_params
 from torch import nn
 
+from benchmarks.oracles import dense_problem, flat_params
 from curveball import CurveBall
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import LOSSES
-from oracles import dense_problem
 
+from benchmarks.oracles import dense_problem
 from curveball._curvature.double_backward import DoubleBackwardEngine
 from curveball._curvature.engine import owned_like
 from curveball._curvature.forward_mode import ForwardModeEngine

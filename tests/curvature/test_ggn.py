@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import LOSSES
-from oracles import dense_problem
 
+from benchmarks.oracles import dense_problem
 from curveball import ggn_vector_product
 
 

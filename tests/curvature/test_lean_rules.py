@@ -288,7 +288,9 @@ def test_attention_rule_equals_the_math_backend(name, tangent_of):
     primals = [randn(2, 4, 5, 8), randn(2, kv_heads, 6, 8), randn(2, kv_heads, 6, 8)]
     if name == "bool_mask":
         options["attn_mask"][:, 0] = True  # no fully masked row: the math backend gives NaN
-    tangents = [randn(*p.shape) if n in tangent_of else None for n, p in zip("qkv", primals)]
+    tangents = [
+        randn(*p.shape) if n in tangent_of else None for n, p in zip("qkv", primals, strict=True)
+    ]
     rules = LeanTangents(0, record=True)
     ours = run(
         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **options), primals, tangents, rules

@@ -1,7 +1,11 @@
-"""Independent dense oracles for the tests: Jacobians, loss Hessians and the GGN matrix."""
+"""Independent dense oracles (torch.func): Jacobians, loss Hessians and the GGN matrix.
+
+Used by the test suite and the conformance benchmark; nothing here uses the library.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -23,12 +27,22 @@ def stateless_copy(model: nn.Module) -> nn.Module:
     return clone
 
 
+@contextlib.contextmanager
+def _parameters_replaced(module: nn.Module, tensors: dict):
+    """``torch.func.functional_call``'s substitution, for a prediction function of the module."""
+    with torch.nn.utils.stateless._reparametrize_module(module, tensors, tie_weights=True):
+        yield
+
+
 def flat_params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
 
 
-def dense_problem(model: nn.Module, inputs: torch.Tensor, loss_fn):
-    """Dense ``J`` (outputs × parameters), ``H_L``, ``J_L``, ``g`` and ``G = Jᵀ H_L J``."""
+def dense_problem(model: nn.Module, inputs, loss_fn, prediction=None):
+    """Dense ``J`` (outputs × parameters), ``H_L``, ``J_L``, ``g`` and ``G = Jᵀ H_L J``.
+
+    ``prediction(module, inputs)`` gives the predictions (default: ``module(inputs)``).
+    """
     clone = stateless_copy(model)
     named = [(n, p) for n, p in clone.named_parameters() if p.requires_grad]
     names = [n for n, _ in named]
@@ -38,7 +52,10 @@ def dense_problem(model: nn.Module, inputs: torch.Tensor, loss_fn):
     def predict(w: torch.Tensor) -> torch.Tensor:
         chunks = torch.split(w, sizes)
         tensors = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
-        return functional_call(clone, tensors, (inputs,))
+        if prediction is None:
+            return functional_call(clone, tensors, (inputs,))
+        with _parameters_replaced(clone, tensors):
+            return prediction(clone, inputs)
 
     w = flat_params(clone)
     y = predict(w).detach()
