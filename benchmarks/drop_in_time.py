@@ -1,0 +1,161 @@
+"""Step time of the forward-mode rules that make attention and recurrent layers drop-in.
+
+Two workloads (float32, CPU or CUDA), each timed interleaved (one step of each
+contender per round, medians after warm-up):
+
+* ``transformer``: a 2-layer ``nn.TransformerEncoder`` (width 64, 4 heads, 64
+  tokens, batch 16) classifying every token. ``curveball`` uses the closed-form
+  attention tangent; ``curveball-math-sdpa`` instead runs PyTorch's math backend of
+  ``F.scaled_dot_product_attention`` under its own forward-mode formulas;
+  ``adam`` is one Adam step.
+* ``lstm``: a character-level LSTM language model (embedding 32, 128 hidden, 64
+  characters, batch 16). ``curveball`` runs the recurrent layer in forward mode
+  (oneDNN off during the passes); ``curveball-double-backward`` is the fallback
+  that oneDNN's float32 kernel used to force; ``adam`` is one Adam step.
+
+Example::
+
+    python -m benchmarks.drop_in_time --repeats 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from benchmarks.step_time import Contender, time_interleaved
+from curveball import CurveBall
+from curveball._curvature import lean_rules
+
+
+class TokenClassifier(nn.Module):
+    def __init__(self, width: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.encoder(x)).flatten(0, 1)
+
+
+class CharLSTM(nn.Module):
+    def __init__(self, vocab: int = 64) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, 32)
+        self.lstm = nn.LSTM(32, 128, batch_first=True)
+        self.head = nn.Linear(128, vocab)
+
+    def forward(self, tokens):
+        return self.head(self.lstm(self.embedding(tokens))[0]).flatten(0, 1)
+
+
+def workload(name: str, device: torch.device):
+    torch.manual_seed(0)
+    if name == "transformer":
+        model = TokenClassifier().to(device)
+        x = torch.randn(16, 64, 64, device=device)
+        t = torch.randint(0, 10, (16 * 64,), device=device)
+    else:
+        model = CharLSTM().to(device)
+        x = torch.randint(0, 64, (16, 64), device=device)
+        t = torch.randint(0, 64, (16 * 64,), device=device)
+    return model, x, t
+
+
+def _without_attention_rule():
+    """The lean rules with the attention rule off, and SDPA on its math backend."""
+    original = lean_rules.LeanTangents._attention
+    stack = sdpa_kernel(SDPBackend.MATH)
+
+    class Scope:
+        def __enter__(self):
+            lean_rules.LeanTangents._attention = lambda self, args, kwargs: None
+            stack.__enter__()
+
+        def __exit__(self, *exc):
+            stack.__exit__(*exc)
+            lean_rules.LeanTangents._attention = original
+
+    return Scope()
+
+
+def contender(method: str, model: nn.Module, x, t) -> Contender:
+    model = copy.deepcopy(model)
+    if method == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def adam_step() -> None:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), t).backward()
+            opt.step()
+
+        return Contender(method, adam_step)
+    mode = "double-backward" if method == "curveball-double-backward" else "forward"
+    opt = CurveBall(model, forward_mode=mode)
+    scope: Callable[[], object] = (
+        _without_attention_rule if method.endswith("math-sdpa") else (nullcontext)
+    )
+
+    def curveball_step() -> None:
+        with scope():
+            opt.step(lambda: model(x), lambda y: F.cross_entropy(y, t))
+
+    return Contender(method, curveball_step)
+
+
+METHODS = {
+    "transformer": ("curveball", "curveball-math-sdpa", "adam"),
+    "lstm": ("curveball", "curveball-double-backward", "adam"),
+}
+
+
+def run(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    rows = []
+    for name in args.workloads:
+        model, x, t = workload(name, device)
+        contenders = [contender(m, model, x, t) for m in METHODS[name]]
+        time_interleaved(contenders, device, args.warmup, args.repeats)
+        medians = {c.method: statistics.median(c.times) for c in contenders}
+        for method, seconds in medians.items():
+            rows.append(
+                {
+                    "workload": name,
+                    "method": method,
+                    "median_ms": 1e3 * seconds,
+                    "x_curveball": seconds / medians["curveball"],
+                    "x_adam": seconds / medians["adam"],
+                }
+            )
+    print("| workload | method | step ms (median) | × curveball | × adam |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for r in rows:
+        print(
+            f"| {r['workload']} | {r['method']} | {r['median_ms']:.1f} | {r['x_curveball']:.2f} "
+            f"| {r['x_adam']:.2f} |"
+        )
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,18 @@
+"""Smoke test of ``benchmarks.drop_in_time`` (well-formed rows, no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from benchmarks import drop_in_time
+
+
+def test_one_round_gives_a_row_per_contender(tmp_path):
+    out = tmp_path / "rows.json"
+    rows = drop_in_time.run(["--repeats", "1", "--warmup", "0", "--json", str(out)])
+    assert json.loads(out.read_text()) == rows
+    assert [(r["workload"], r["method"]) for r in rows] == [
+        (w, m) for w, methods in drop_in_time.METHODS.items() for m in methods
+    ]
+    assert all(math.isfinite(r["median_ms"]) and r["median_ms"] > 0 for r in rows)
