@@ -349,8 +349,9 @@ class CurveBall(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step
     def step(  # type: ignore[override]
         self,
-        model_fn: Callable[[], torch.Tensor],
-        loss_fn: Callable[[torch.Tensor], torch.Tensor],
+        model_fn: Callable[[], torch.Tensor] | None = None,
+        loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        closure: Callable[[], Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One CurveBall iteration on the batch that ``model_fn`` evaluates.
 
@@ -362,10 +363,25 @@ class CurveBall(torch.optim.Optimizer):
         Args:
             model_fn: runs the model on the current batch, returns the predictions.
             loss_fn: maps the predictions to a scalar loss (mean over the batch).
+            closure: called once before the step, for training loops that hand
+                every optimizer one (PyTorch Lightning runs its hooks in it). It
+                cannot replace ``model_fn`` and ``loss_fn``: CurveBall runs its own
+                forward-mode and backward passes.
 
         Returns:
             ``(loss, predictions)`` at the parameters before the step, detached.
         """
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        if model_fn is None or loss_fn is None:
+            raise TypeError(
+                "CurveBall.step(model_fn, loss_fn): both are needed, since CurveBall runs its "
+                "own forward-mode and backward passes (a closure that calls backward() cannot "
+                "give it the curvature). With PyTorch Lightning use manual optimization and "
+                "call self.optimizers().step(model_fn=..., loss_fn=...); with the Hugging Face "
+                "Trainer use curveball.integrations.transformers.CurveBallTrainer."
+            )
         if not callable(model_fn):
             raise TypeError(f"model_fn: expected a callable, got {type(model_fn).__name__}")
         if not callable(loss_fn):
