@@ -1,4 +1,4 @@
-"""CurveBall inside PyTorch Lightning: manual optimization, logging, checkpoints, schedulers, DDP."""
+"""CurveBall in PyTorch Lightning: manual optimization, logging, checkpoints, schedulers, DDP."""
 
 from __future__ import annotations
 
