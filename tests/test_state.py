@@ -71,6 +71,8 @@ def test_every_hyper_parameter_is_in_the_param_groups_and_the_state_dict():
         "rho": None,
         "beta": None,
         "psd_loss": False,
+        "loss_scale": 2.0**16,
+        "scaled_steps": 0,
     }
 
 

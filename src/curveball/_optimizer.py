@@ -24,6 +24,7 @@ from curveball._curvature.forward_mode import ForwardModeEngine
 from curveball._curvature.loss_derivatives import MAX_CLAMPED_OUTPUTS, LossDerivatives
 from curveball._curvature.module_tensors import ModuleTensors
 from curveball._distributed import Averager
+from curveball._loss_scale import MIN_SCALE, after_finite, after_overflow, float16_in_use
 from curveball._param_vectors import ParamLayout, dot
 from curveball._quadratic_model import QuadraticModel, convexified
 from curveball._state import STATE_KEY, CurveBallState
@@ -44,6 +45,7 @@ class _Plan:
     lambd: float
     refresh: bool
     trial: bool
+    loss_scale: float | None  # the float16 scale of the backward pass, if active
 
 
 @dataclass
@@ -414,6 +416,11 @@ class CurveBall(torch.optim.Optimizer):
         finally:
             engines.engine.finish()
         self.curveball_state.step = plan.step
+        if plan.loss_scale is not None and not info.skipped:
+            state = self.curveball_state
+            state.loss_scale, state.scaled_steps = after_finite(
+                state.loss_scale, state.scaled_steps
+            )
         self.last = replace(info, engine=_engine_name(engines.engine))
         return products.loss.loss, products.predictions.detach()
 
@@ -425,7 +432,8 @@ class CurveBall(torch.optim.Optimizer):
         refresh = trial or (
             auto_sizes and (state.sizes is None or (step - 1) % hyper["step_size_interval"] == 0)
         )
-        return _Plan(step=step, lambd=state.lambd, refresh=refresh, trial=trial)
+        scale = state.loss_scale if float16_in_use(self._layout.params) else None
+        return _Plan(step=step, lambd=state.lambd, refresh=refresh, trial=trial, loss_scale=scale)
 
     def _products(
         self,
@@ -440,10 +448,14 @@ class CurveBall(torch.optim.Optimizer):
         assert zs is not None
         y, jz = engine.linearize(model_fn, zs, jvp_follows=plan.refresh)
         psd = self.curveball_state.psd_loss and LossDerivatives.can_clamp(y)
-        loss = LossDerivatives(loss_fn, y, psd=psd)
+        loss = LossDerivatives(loss_fn, y, psd=psd, upcast=plan.loss_scale is not None)
         j_loss = loss.grad.detach()
         h_jz = loss.hvp(jz)
-        dz = engine.vjp(h_jz + j_loss)  # Jᵀ(H_L J z + J_L), then + κ w + (λ + κ) z
+        if plan.loss_scale is None:
+            dz = engine.vjp(h_jz + j_loss)  # Jᵀ(H_L J z + J_L), then + κ w + (λ + κ) z
+        else:  # float16: a scaled backward pass, unscaled exactly (a power of two)
+            dz = engine.vjp(((h_jz + j_loss) * plan.loss_scale).to(y.dtype))
+            torch._foreach_mul_(dz, 1.0 / plan.loss_scale)
         layout.vectors.mean_(dz, self.averager)
         for group, members in zip(self.param_groups, layout.members, strict=True):
             factor = plan.lambd + group["weight_decay"]
@@ -515,6 +527,8 @@ class CurveBall(torch.optim.Optimizer):
         if not scalars.predictions_finite:
             return skipped("non-finite predictions")
         if not all(math.isfinite(v) for v in scalars.groups["dz_dz"]):
+            if plan.loss_scale is not None and plan.loss_scale > MIN_SCALE:
+                return skipped(f"float16 overflow of the loss scale {plan.loss_scale:g}")
             return skipped("non-finite Δz")
         if not plan.refresh:
             rho = hyper["momentum"] if hyper["momentum"] is not None else last[0]
@@ -560,8 +574,13 @@ class CurveBall(torch.optim.Optimizer):
         """``z ← ρ z − β Δz``, then ``w ← w + α z`` per group; remember automatic ρ, β."""
         layout = self._layout
         assert layout is not None and layout.zs is not None
-        torch._foreach_mul_(layout.zs, info.rho)
-        torch._foreach_add_(layout.zs, dz, alpha=-info.beta)
+        if any(z.dtype in (torch.float16, torch.bfloat16) for z in layout.zs):
+            # ρ and β need not fit in float16 (β grows as the loss shrinks): combine in float32
+            for z, d in zip(layout.zs, dz, strict=True):
+                z.copy_(z.float().mul_(info.rho).sub_(d.float(), alpha=info.beta))
+        else:
+            torch._foreach_mul_(layout.zs, info.rho)
+            torch._foreach_add_(layout.zs, dz, alpha=-info.beta)
         with torch.no_grad():
             for group, members in zip(self.param_groups, layout.members, strict=True):
                 if members and group["lr"] != 0.0:
@@ -575,8 +594,15 @@ class CurveBall(torch.optim.Optimizer):
             self.curveball_state.rho, self.curveball_state.beta = info.rho, info.beta
 
     def _skip(self, info: StepInfo, undo: Callable[[], None]) -> StepInfo:
-        """Leave parameters and z untouched, put the buffers back, raise λ, warn once."""
+        """Leave parameters and z untouched, put the buffers back, raise λ, warn once.
+
+        An overflow of the float16 loss scale halves the scale instead of raising λ.
+        """
         undo()
+        state = self.curveball_state
+        if info.reason is not None and info.reason.startswith("float16 overflow"):
+            state.loss_scale, state.scaled_steps = after_overflow(state.loss_scale), 0
+            return replace(info, skipped=True, next_lambd=info.lambd)
         hyper = self.param_groups[0]
         omega = _damping.omega(hyper["lambda_factor"], hyper["lambda_interval"])
         lambd = self.curveball_state.lambd = _damping.raise_damping(info.lambd, omega)

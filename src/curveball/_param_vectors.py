@@ -26,7 +26,7 @@ def dot(a: torch.Tensor, b: torch.Tensor, precise: bool = False) -> torch.Tensor
     (in float64 if ``precise``)."""
     if precise and a.dtype != torch.float64:
         a, b = a.double(), b.double()
-    elif a.dtype in _LOW_PRECISION:
+    elif a.dtype in _LOW_PRECISION or a.dtype != b.dtype:
         a, b = a.float(), b.float()
     return torch.dot(a.reshape(-1), b.reshape(-1))
 

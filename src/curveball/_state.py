@@ -25,6 +25,9 @@ class CurveBallState:
         beta: the last automatically solved step β.
         psd_loss: whether the loss was found not convex in the predictions, so that
             the positive part of its Hessian is used (see ``loss_derivatives``).
+        loss_scale: the scale of the backward pass when float16 is in use (see
+            ``_loss_scale.py``).
+        scaled_steps: float16 steps since the scale last changed.
     """
 
     lambd: float
@@ -32,6 +35,8 @@ class CurveBallState:
     rho: float | None = None
     beta: float | None = None
     psd_loss: bool = False
+    loss_scale: float = 2.0**16
+    scaled_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,10 +62,17 @@ class CurveBallState:
                 rho=None if saved.get("rho") is None else float(saved["rho"]),
                 beta=None if saved.get("beta") is None else float(saved["beta"]),
                 psd_loss=bool(saved.get("psd_loss", False)),
+                loss_scale=float(saved.get("loss_scale", 2.0**16)),
+                scaled_steps=int(saved.get("scaled_steps", 0)),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"state_dict['{STATE_KEY}']: malformed ({error!r})") from error
-        if not (state.lambd >= 0.0 and math.isfinite(state.lambd)) or state.step < 0:
+        scale_ok = state.loss_scale > 0.0 and math.isfinite(state.loss_scale)
+        if (
+            not (state.lambd >= 0.0 and math.isfinite(state.lambd))
+            or state.step < 0
+            or not scale_ok
+        ):
             raise ValueError(f"state_dict['{STATE_KEY}']: out of range: {state}")
         return state
 

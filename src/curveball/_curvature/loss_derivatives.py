@@ -39,6 +39,8 @@ class LossDerivatives:
         loss_fn: maps predictions to a scalar loss tensor.
         predictions: the point ``y``; it is detached from any graph.
         psd: use the positive part of ``H_L``, per sample (see the module doc).
+        upcast: work in float32 at least (float16 or bfloat16 predictions are
+            converted, and so are the vectors given to :meth:`hvp`).
 
     Raises:
         TypeError: if ``loss_fn`` does not return a floating-point scalar tensor.
@@ -49,8 +51,13 @@ class LossDerivatives:
         loss_fn: Callable[[torch.Tensor], torch.Tensor],
         predictions: torch.Tensor,
         psd: bool = False,
+        upcast: bool = False,
     ):
-        self.predictions = predictions.detach().requires_grad_(True)
+        predictions = predictions.detach()
+        self._upcast = upcast and predictions.dtype in (torch.float16, torch.bfloat16)
+        if self._upcast:
+            predictions = predictions.float()
+        self.predictions = predictions.requires_grad_(True)
         with torch.enable_grad():
             loss = loss_fn(self.predictions)
             if not isinstance(loss, torch.Tensor):
@@ -101,6 +108,8 @@ class LossDerivatives:
 
     def hvp(self, vector: torch.Tensor) -> torch.Tensor:
         """``H_L v`` (or its positive part's) for a tangent ``v`` shaped like the predictions."""
+        if self._upcast:
+            vector = vector.float()
         if self._linear:
             return torch.zeros_like(vector)
         if self._blocks is not None:
