@@ -82,3 +82,31 @@ def test_write_produces_json_table_and_plots(tmp_path: Path) -> None:
 
 def test_slug_is_file_name_safe() -> None:
     assert rep.slug("rosenbrock ε~U[0,1]") == "rosenbrock_eps_u_0_1"
+
+
+def test_piped_output_gets_progress_lines(capsys) -> None:
+    bar = rep.LineProgress(total=4, desc="demo", every=0.0)
+    bar.set_postfix_str("CurveBall")
+    for _ in range(4):
+        bar.update(1)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("demo: 4/4 steps (100%)") and "CurveBall" in lines[-1]
+    assert len(lines) == 4
+    quiet = rep.LineProgress(total=100, desc="demo", every=3600.0)
+    for _ in range(99):
+        quiet.update(1)
+    assert capsys.readouterr().out == ""  # nothing until the interval or the end
+
+
+def test_curves_are_carried_to_the_end_so_the_median_does_not_jump() -> None:
+    np = pytest.importorskip("numpy")
+    runs = [
+        {"iteration": [0, 1, 2], "loss": [1.0, 0.1, 0.01], "seconds": [0.0, 1.0, 2.0]},
+        {"iteration": [0, 1, 2, 3, 4], "loss": [1.0, 0.5, 0.4, 0.3, 0.2],
+         "seconds": [0.0, 0.5, 1.0, 1.5, 9.0]},
+    ]  # fmt: skip
+    grid, loss, seconds = rep._aligned(runs, np)
+    assert grid.tolist() == [0, 1, 2, 3, 4]
+    assert loss[0, 3:].tolist() == pytest.approx([0.01, 0.01])  # carried, not NaN
+    assert seconds[0, 3:].tolist() == [2.0, 2.0]
+    assert np.all(np.diff(np.median(seconds, axis=0)) >= 0)  # time never runs backwards

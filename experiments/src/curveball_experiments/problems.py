@@ -86,6 +86,11 @@ class Rosenbrock(SmallProblem):
     def name(self) -> str:  # type: ignore[override]
         return f"rosenbrock {self.label}"
 
+    @property
+    def objective_label(self) -> str:
+        """What :meth:`objective` is, for plot axes."""
+        return "loss" if self.eps_high is None else "expected loss (over ε)"
+
     def initial(self, seed: int) -> tuple[Tensor, ...]:
         g = torch.Generator().manual_seed(seed)
         u = torch.rand(2, generator=g, dtype=DTYPE)
@@ -126,6 +131,7 @@ class DeepLinear(SmallProblem):
     n: int = 10
     condition: float = 1e5
     batch: int = 64
+    objective_label: str = "expected loss (over x)"
     init_std: float = 0.01
     tol: float = 1e-3
     problem_seed: int = 0
@@ -434,7 +440,7 @@ def run_problems(
                 bar.set_postfix_str(f"{problem.name} {name} seed {seed}")
                 traces.append(run_single(problem, seed, make, settings.cap, device))
                 bar.update(1)
-            report.add_runs(problem.name, name, traces, settings.cap)
+            report.add_runs(problem.name, name, traces, settings.cap, label=problem.objective_label)
         for rule, make_torch in TORCH_RULES.items():
             bar.set_postfix_str(f"{problem.name} {rule} lr grid")
             grid = run_grid(problem, settings.seeds, settings.lrs, rule, settings.cap, device)
@@ -447,7 +453,9 @@ def run_problems(
             )
             for trace in grid.traces:
                 trace.seconds = [i * per_step for i in range(len(trace.objective))]
-            report.add_runs(problem.name, rule, grid.traces, settings.cap, lr=lr)
+            report.add_runs(
+                problem.name, rule, grid.traces, settings.cap, lr=lr, label=problem.objective_label
+            )
             report.settings.setdefault("lr_search", {}).setdefault(problem.name, {})[rule] = {
                 "chosen_lr": lr,
                 "iterations_searched": grid.iterations_run,

@@ -13,6 +13,7 @@ import math
 import platform
 import statistics
 import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from importlib import metadata
@@ -25,11 +26,48 @@ MAX_CURVE_POINTS = 400
 """Curves are thinned to about this many points per run before they are stored."""
 
 
+PROGRESS_SECONDS = 30.0
+"""Without a terminal, a progress line is printed at most this often (and at the end)."""
+
+
+class LineProgress:
+    """Progress as plain lines, for output piped to a file or a CI log."""
+
+    def __init__(self, total: int, desc: str, every: float = PROGRESS_SECONDS) -> None:
+        self.total, self.desc, self.every = total, desc, every
+        self.done, self.postfix = 0, ""
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every or self.done >= self.total:
+            self.last = now
+            self._print(now)
+
+    def set_postfix_str(self, text: str) -> None:
+        self.postfix = text
+
+    def close(self) -> None:
+        pass
+
+    def _print(self, now: float) -> None:
+        share = 100.0 * self.done / max(self.total, 1)
+        extra = f" ({self.postfix})" if self.postfix else ""
+        print(
+            f"{self.desc}: {self.done}/{self.total} steps ({share:.0f}%), "
+            f"{now - self.start:.0f} s{extra}",
+            flush=True,
+        )
+
+
 def progress(total: int, desc: str) -> Any:
-    """A tqdm progress bar on a terminal; a silent stand-in elsewhere."""
+    """A tqdm progress bar on a terminal; progress lines every 30 s when output is piped."""
+    if not sys.stderr.isatty():
+        return LineProgress(total, desc)
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=None, leave=False, file=sys.stderr)
+    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
 
 
 def versions() -> dict[str, str]:
@@ -107,6 +145,7 @@ class Report:
         self.hidden_metrics: set[str] = set()
         self.formats: dict[str, Callable[[list[float], float], str]] = {}
         self.curve_label = "loss"
+        self.curve_labels: dict[str, str] = {}  # per problem, where it differs
         self.log_x = False
 
     # ----------------------------------------------------------------- collecting
@@ -155,8 +194,10 @@ class Report:
         traces: Sequence[Any],
         cap: int,
         lr: float | None = None,
+        label: str = "loss",
     ) -> None:
-        """Rows and curves of runs-to-convergence (``traces`` from the small problems)."""
+        """Rows and curves of runs-to-convergence (``traces`` from the small problems);
+        ``label`` says what the curves are."""
         iterations = [cap if t.iterations is None else t.iterations for t in traces]
         self.add_row(problem, optimizer, "iterations", iterations)
         self.add_row(
@@ -170,7 +211,7 @@ class Report:
         self.metric_labels.setdefault("iterations", "iterations, median (min–max)")
         self.metric_labels.setdefault("seconds", "seconds, median (min–max)")
         self.log_x = True
-        self.curve_label = "expected loss"
+        self.curve_labels[problem] = label
 
     def median(self, problem: str, optimizer: str, metric: str) -> float | None:
         """The median of a row, or ``None`` when there is no such row."""
@@ -194,7 +235,11 @@ class Report:
             "notes": self.notes,
             "versions": versions(),
             "device": self.device,
-            "curves": {"quantity": self.curve_label, "runs": self.curves},
+            "curves": {
+                "quantity": self.curve_label,
+                "quantity_per_problem": self.curve_labels,
+                "runs": self.curves,
+            },
         }
 
     def table(self) -> str:
@@ -246,10 +291,12 @@ class Report:
     def plot(self) -> None:
         """Loss against iteration and against wall-clock, one line per optimizer.
 
-        The line is the geometric mean over seeds (the curves span many orders of
-        magnitude), the band the range from the lowest to the highest seed; a run
-        that stopped early (converged) leaves the mean from that point on. The
-        wall-clock axis is the mean over seeds of the time at each iteration.
+        The line is the median over seeds (one diverging seed cannot move it, nor
+        the y-range, which frames the medians), the band the range from the lowest
+        to the highest seed. A run that stopped early (converged) is carried at its
+        last value to the end, so the line does not jump when it stops, and the
+        wall-clock axis (the median over seeds of each one's time, carried likewise)
+        never runs backwards.
         """
         import matplotlib
 
@@ -270,11 +317,12 @@ class Report:
                         continue
                     with np.errstate(all="ignore"), warnings.catch_warnings():
                         warnings.simplefilter("ignore", RuntimeWarning)
-                        logs = np.log(np.clip(loss, 1e-300, None))
-                        centre = np.exp(np.nanmean(logs, axis=0))
+                        centre = np.nanmedian(loss, axis=0)
                         low = np.nanmin(loss, axis=0)
                         high = np.nanmax(loss, axis=0)
-                        x = grid if axis == "iteration" else np.nanmean(seconds, axis=0)
+                        x = grid if axis == "iteration" else np.nanmedian(seconds, axis=0)
+                        if axis == "time":
+                            x = np.fmax.accumulate(x)  # medians of non-decreasing times
                     keep = np.isfinite(centre) & np.isfinite(x) & (centre > 0)
                     if log_x:
                         keep &= x >= 1 if axis == "iteration" else x > 0
@@ -294,7 +342,7 @@ class Report:
                 if log_x:
                     ax.set_xscale("log")
                 ax.set_xlabel("iteration" if axis == "iteration" else "wall-clock (s)")
-                ax.set_ylabel(self.curve_label)
+                ax.set_ylabel(self.curve_labels.get(problem, self.curve_label))
                 ax.set_title(problem)
                 ax.grid(True, which="both", alpha=0.3)
                 if ax.lines:
@@ -304,19 +352,18 @@ class Report:
 
 
 def _aligned(runs: list[dict[str, list[Any]]], np: Any) -> tuple[Any, Any, Any]:
-    """Interpolate every run onto the union of their stored iterations (NaN after
-    a run's end)."""
+    """Interpolate every run onto the union of their stored iterations; after a
+    run's end its last loss and time are carried to the end of the grid."""
     grid = np.unique(np.concatenate([np.asarray(r["iteration"], dtype=float) for r in runs]))
     loss = np.full((len(runs), grid.size), np.nan)
     seconds = np.full((len(runs), grid.size), np.nan)
     for i, run in enumerate(runs):
         it = np.asarray(run["iteration"], dtype=float)
         values = np.asarray([np.nan if v is None else v for v in run["loss"]], dtype=float)
-        inside = grid <= it[-1]
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"):  # np.interp holds the last value beyond the end
             logs = np.log(np.clip(values, 1e-300, None))
-            loss[i, inside] = np.exp(np.interp(grid[inside], it, logs))
-            seconds[i, inside] = np.interp(grid[inside], it, np.asarray(run["seconds"]))
+            loss[i] = np.exp(np.interp(grid, it, logs))
+            seconds[i] = np.interp(grid, it, np.asarray(run["seconds"]))
     return grid, loss, seconds
 
 
