@@ -41,7 +41,7 @@ def train(data_dir: str, epochs: int, logdir: str, batch_size: int = 128) -> Non
         for start in range(0, len(order) - batch_size + 1, batch_size):
             batch = order[start : start + batch_size]
             x, t = x_train[batch], y_train[batch]
-            optimizer.step(lambda: model(x), lambda y: F.cross_entropy(y, t))
+            optimizer.step(lambda x=x: model(x), lambda y, t=t: F.cross_entropy(y, t))
             step += 1
             values = optimizer.last.as_dict()
             for name in LOGGED:

@@ -135,3 +135,13 @@ def test_the_global_record_round_trips():
     torch.save(state.to_dict(), buffer)
     buffer.seek(0)
     assert CurveBallState.from_dict(torch.load(buffer)) == state
+
+
+def test_paper_defaults_are_the_published_method_and_todays_defaults():
+    from curveball import PAPER_DEFAULTS
+
+    model, _, _ = CASES["mlp"].make()
+    paper = CurveBall(model, **PAPER_DEFAULTS).param_groups[0]
+    default = CurveBall(model).param_groups[0]
+    assert {k: paper[k] for k in PAPER_DEFAULTS} == {k: default[k] for k in PAPER_DEFAULTS}
+    assert PAPER_DEFAULTS["lambd"] == 1.0 and PAPER_DEFAULTS["lambda_interval"] == 5

@@ -12,7 +12,7 @@ with an underscore is internal and may change between releases.
 
 from curveball._curvature.engine import DoubleBackwardUnsupported
 from curveball._curvature.ggn import ggn_vector_product
-from curveball._optimizer import CurveBall
+from curveball._optimizer import PAPER_DEFAULTS, CurveBall
 from curveball._step_info import StepInfo
 
 __version__ = "0.2.0"
@@ -20,6 +20,7 @@ __version__ = "0.2.0"
 __all__ = [
     "CurveBall",
     "DoubleBackwardUnsupported",
+    "PAPER_DEFAULTS",
     "StepInfo",
     "__version__",
     "ggn_vector_product",

@@ -33,6 +33,21 @@ from curveball._step_scalars import StepScalars
 from curveball._undo import BufferSnapshot
 from curveball._warn import OnceWarner
 
+PAPER_DEFAULTS: dict[str, Any] = {
+    "lr": 1.0,
+    "momentum": None,
+    "beta": None,
+    "lambd": 1.0,
+    "auto_lambda": True,
+    "lambda_factor": 0.999,
+    "lambda_thresholds": (0.5, 1.5),
+    "lambda_interval": 5,
+    "weight_decay": 0.0,
+    "step_size_interval": 1,
+}
+"""Constructor keywords with which ``CurveBall(model, **PAPER_DEFAULTS)`` is the authors'
+method (Henriques et al., ICCV 2019), whatever the defaults become."""
+
 PER_GROUP = ("lr", "weight_decay")
 """Hyper-parameters that may differ between parameter groups; all others are global."""
 

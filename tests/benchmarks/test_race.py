@@ -1,0 +1,41 @@
+"""The race on a tiny budget: well-formed results, every contender placed (no timing checks)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from benchmarks import race
+
+
+def test_a_tiny_race_reports_every_contender(tmp_path):
+    out = tmp_path / "race.json"
+    results = race.run(
+        ["--tasks", "char-lstm", "--budget", "4", "--eval-every", "2", "--pre-steps", "1",
+         "--text-chars", "20000", "--json", str(out), "--plots", str(tmp_path / "plots")]
+    )  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert saved["results"] == json.loads(json.dumps(results))
+    (task,) = results
+    assert task["task"] == "char-lstm" and math.isfinite(task["target"])
+    names = [row["contender"] for row in task["rows"]]
+    assert names == list(race.DEFAULT_CONTENDERS) or set(names) <= set(race.CONTENDERS)
+    for row in task["rows"]:
+        if row["error"] is None:
+            assert [step for step, _, _ in row["curve"]] == [0, 2, 4]
+            assert row["step_ms"] > 0
+    best = next(r for r in task["rows"] if r["contender"] == task["best_adam"])
+    assert best["steps_to_target"] is not None and best["time_ratio_to_adam"] == 1.0
+    assert set(task["lr_grids"]) == {"sgd", "adam", "adamw"}
+    assert (tmp_path / "plots" / "char-lstm.png").stat().st_size > 0
+
+
+def test_the_batch_order_is_shared_and_covers_epochs():
+    order = race.batches(10, 4, 5, seed=0)
+    assert len(order) == 5 and all(len(b) == 4 for b in order)
+    assert sorted(torch_cat(order[:2])) == sorted(set(torch_cat(order[:2])))  # no repeats
+    assert [b.tolist() for b in order] == [b.tolist() for b in race.batches(10, 4, 5, seed=0)]
+
+
+def torch_cat(batches):
+    return [int(i) for b in batches for i in b]
