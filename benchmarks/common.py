@@ -81,6 +81,20 @@ def resnet18(classes: int = 10) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+class CharLSTM(nn.Module):
+    """A character-level LSTM language model: embedding 32, 128 hidden units, next-character
+    logits for every position (flattened into rows)."""
+
+    def __init__(self, vocab: int = 64) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, 32)
+        self.lstm = nn.LSTM(32, 128, batch_first=True)
+        self.head = nn.Linear(128, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(self.embedding(tokens))[0]).flatten(0, 1)
+
+
 def _read_idx_gz(path: Path) -> np.ndarray:
     """An unsigned-byte IDX file (gzip or raw): a big-endian header, then the values."""
     raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from benchmarks.common import CharLSTM
 from benchmarks.step_time import Contender, time_interleaved
 from curveball import CurveBall
 from curveball._curvature import lean_rules
@@ -46,17 +47,6 @@ class TokenClassifier(nn.Module):
 
     def forward(self, x):
         return self.head(self.encoder(x)).flatten(0, 1)
-
-
-class CharLSTM(nn.Module):
-    def __init__(self, vocab: int = 64) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, 32)
-        self.lstm = nn.LSTM(32, 128, batch_first=True)
-        self.head = nn.Linear(128, vocab)
-
-    def forward(self, tokens):
-        return self.head(self.lstm(self.embedding(tokens))[0]).flatten(0, 1)
 
 
 def workload(name: str, device: torch.device):

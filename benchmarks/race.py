@@ -19,7 +19,8 @@ the paper's basic CNN with and without batch norm (MNIST 8,000/2,000 split of th
 official test files under ``--data-dir``), and a small causal transformer and an
 LSTM character-level language model on the Python standard library's source
 (read at run time). Contenders: CurveBall at its defaults (and, on request,
-``curveball-paper`` with ``curveball.PAPER_DEFAULTS``, today the same); SGD with
+``curveball-paper`` with ``curveball.PAPER_DEFAULTS``, today the same), and
+``curveball-lm`` with a faster Levenberg-Marquardt damping rule; SGD with
 momentum 0.9, Adam and AdamW at their best learning rate; HeavyBall's SOAP and
 PSGD-Kron, pytorch-optimizer's SophiaH, AdaHessian and Shampoo at their documented
 defaults.
@@ -88,17 +89,6 @@ class CharTransformer(nn.Module):
         return self.head(self.encoder(h, mask=causal, is_causal=True)).flatten(0, 1)
 
 
-class CharLSTM(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(VOCAB, 32)
-        self.lstm = nn.LSTM(32, 128, batch_first=True)
-        self.head = nn.Linear(128, VOCAB)
-
-    def forward(self, tokens):
-        return self.head(self.lstm(self.embedding(tokens))[0]).flatten(0, 1)
-
-
 @dataclass
 class Task:
     name: str
@@ -115,7 +105,7 @@ TASKS = {
         Task("mnist-cnn", lambda: Padded(common.basic_cnn(in_channels=1)), "mnist"),
         Task("mnist-cnn-bn", lambda: Padded(common.basic_cnn(True, in_channels=1)), "mnist"),
         Task("char-transformer", CharTransformer, "text", 32),
-        Task("char-lstm", CharLSTM, "text", 32),
+        Task("char-lstm", lambda: common.CharLSTM(VOCAB), "text", 32),
     )
 }
 
@@ -205,6 +195,8 @@ def make_step(name: str, model: nn.Module, lr: float | None):
         return curveball_step(CurveBall(model), model)
     if name == "curveball-paper":
         return curveball_step(CurveBall(model, **PAPER_DEFAULTS), model)
+    if name == "curveball-lm":
+        return curveball_step(CurveBall(model, **LM_DAMPING), model)
     if name == "sgd":
         return gradient_step(torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), model)
     if name == "adam":
@@ -214,9 +206,13 @@ def make_step(name: str, model: nn.Module, lr: float | None):
     return _peers()[name](model)
 
 
-CONTENDERS = ("curveball", "curveball-paper", "sgd", "adam", "adamw", "soap", "psgd-kron",
-              "sophiah", "adahessian", "shampoo")  # fmt: skip
-DEFAULT_CONTENDERS = tuple(c for c in CONTENDERS if c != "curveball-paper")  # same as the defaults
+LM_DAMPING = {"lambda_factor": (2.0 / 3.0) ** (1.0 / 5.0), "lambda_thresholds": (0.25, 0.75)}
+"""A Levenberg-Marquardt damping rule (Martens 2010): every 5 steps, λ × 2/3 when the trust
+ratio exceeds 3/4 and λ × 3/2 when it is below 1/4 — through CurveBall's own options."""
+
+CONTENDERS = ("curveball", "curveball-paper", "curveball-lm", "sgd", "adam", "adamw", "soap",
+              "psgd-kron", "sophiah", "adahessian", "shampoo")  # fmt: skip
+DEFAULT_CONTENDERS = tuple(c for c in CONTENDERS if c != "curveball-paper")  # paper = defaults
 
 
 # ------------------------------------------------------------------------------ the race

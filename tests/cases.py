@@ -63,6 +63,20 @@ def _cnn() -> nn.Module:
     )
 
 
+class NoForwardModeSquare(torch.autograd.Function):
+    """x², with a backward formula but no forward-mode (jvp) formula: forces the fallback."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
 @dataclass(frozen=True)
 class Case:
     """A small model and the shape of one sample of its input."""
@@ -122,4 +136,4 @@ LOSSES: dict[str, Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor
 from benchmarks.zoo import ZOO  # noqa: E402
 from benchmarks.zoo import cross_entropy as zoo_cross_entropy  # noqa: E402
 
-__all__ = ["CASES", "CLASSES", "LOSSES", "ZOO", "Case", "zoo_cross_entropy"]
+__all__ = ["CASES", "CLASSES", "LOSSES", "ZOO", "Case", "NoForwardModeSquare", "zoo_cross_entropy"]

@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import CASES
+from cases import CASES, NoForwardModeSquare
 from torch import nn
 
 from benchmarks.oracles import flat_params
@@ -156,20 +156,6 @@ def test_per_group_learning_rates_and_schedulers():
     w3 = model[3].weight.detach().clone()
     opt.step(lambda: model(x), lambda y: F.cross_entropy(y, t))
     torch.testing.assert_close(model[3].weight, w3 + 0.5 * opt.state[model[3].weight]["z"])
-
-
-class NoForwardModeSquare(torch.autograd.Function):
-    """x², with a backward formula but no forward-mode (jvp) formula."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return 2 * x * grad
 
 
 class SquareLayer(nn.Module):

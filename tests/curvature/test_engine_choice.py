@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import cross_entropy
+from cases import NoForwardModeSquare, cross_entropy
 from torch import nn
 from torch.nn.utils import parametrizations, spectral_norm
 from torch.utils.checkpoint import checkpoint
@@ -25,20 +25,6 @@ class Checkpointed(nn.Module):
     def forward(self, x):
         hidden = checkpoint(lambda h: torch.tanh(self.a(h)), x, use_reentrant=self.reentrant)
         return self.b(hidden)
-
-
-class NoForwardModeSquare(torch.autograd.Function):
-    """x², with a backward formula but no forward-mode one."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return 2 * x * grad
 
 
 MODELS = {
