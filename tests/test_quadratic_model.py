@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from curveball._quadratic_model import QuadraticModel, convexified, solve_step_sizes
+from curveball._quadratic_model import QuadraticModel, convexified
 from curveball._step_scalars import CURVATURE_TERMS, StepScalars
 
 finite = st.floats(-10.0, 10.0, allow_nan=False, allow_infinity=False)
@@ -26,7 +26,7 @@ def test_automatic_step_sizes_solve_the_system(values, shift):
     m = np.array(values[:4]).reshape(2, 2)
     k = m @ m.T + shift * np.eye(2)  # symmetric positive definite
     b = np.array(values[4:])
-    sizes = solve_step_sizes(k[0, 0], k[0, 1], k[1, 1], b[0], b[1])
+    sizes = QuadraticModel(k[0, 0], k[0, 1], k[1, 1], b[0], b[1]).solve()
     beta, minus_rho = np.linalg.solve(k, b)
     assert sizes.beta == pytest.approx(beta, rel=1e-7, abs=1e-9)
     assert sizes.rho == pytest.approx(-minus_rho, rel=1e-7, abs=1e-9)
@@ -36,7 +36,7 @@ def test_automatic_step_sizes_solve_the_system(values, shift):
 
 
 def test_zero_z_gives_a_step_along_delta_z_only():
-    sizes = solve_step_sizes(a11=4.0, a12=0.0, a22=0.0, b1=2.0, b2=0.0)
+    sizes = QuadraticModel(a11=4.0, a12=0.0, a22=0.0, b1=2.0, b2=0.0).solve()
     assert (sizes.rho, sizes.beta) == (0.0, 0.5)
     assert sizes.predicted_change == pytest.approx(-0.5)
 
@@ -46,7 +46,7 @@ def test_collinear_z_and_delta_z_give_the_line_minimiser():
     # returns a finite one.
     a22, b2 = 3.0, -1.5  # zᵀAz, gᵀz
     a12, a11, b1 = 2 * a22, 4 * a22, 2 * b2
-    sizes = solve_step_sizes(a11, a12, a22, b1, b2)
+    sizes = QuadraticModel(a11, a12, a22, b1, b2).solve()
     assert math.isfinite(sizes.rho) and math.isfinite(sizes.beta)
     line_min = -0.5 * b2**2 / a22
     assert quadratic(a11, a12, a22, b1, b2, sizes.rho, sizes.beta) == pytest.approx(line_min)
@@ -57,7 +57,7 @@ def test_badly_scaled_system_is_solved_accurately():
     # |Δz| ≪ |z| near convergence: a11 ~ 1e-14 a22, yet the system is well posed.
     k = np.array([[1e-14, 3e-8], [3e-8, 1.0]])
     b = np.array([2e-8, 0.4])
-    sizes = solve_step_sizes(k[0, 0], k[0, 1], k[1, 1], b[0], b[1])
+    sizes = QuadraticModel(k[0, 0], k[0, 1], k[1, 1], b[0], b[1]).solve()
     beta, minus_rho = np.linalg.solve(k, b)
     assert sizes.beta == pytest.approx(beta, rel=1e-6)
     assert sizes.rho == pytest.approx(-minus_rho, rel=1e-6)
@@ -65,11 +65,11 @@ def test_badly_scaled_system_is_solved_accurately():
 
 def test_fixed_values_minimise_over_the_other_one():
     a11, a12, a22, b1, b2 = 2.0, 0.5, 1.0, 1.0, -0.3
-    sizes = solve_step_sizes(a11, a12, a22, b1, b2, rho=0.9)
+    sizes = QuadraticModel(a11, a12, a22, b1, b2).solve(rho=0.9)
     grid = np.linspace(sizes.beta - 1, sizes.beta + 1, 2001)
     best = grid[np.argmin([quadratic(a11, a12, a22, b1, b2, 0.9, g) for g in grid])]
     assert sizes.beta == pytest.approx(best, abs=1e-3) and sizes.rho == 0.9
-    sizes = solve_step_sizes(a11, a12, a22, b1, b2, beta=0.2)
+    sizes = QuadraticModel(a11, a12, a22, b1, b2).solve(beta=0.2)
     grid = np.linspace(sizes.rho - 1, sizes.rho + 1, 2001)
     best = grid[np.argmin([quadratic(a11, a12, a22, b1, b2, r, 0.2) for r in grid])]
     assert sizes.rho == pytest.approx(best, abs=1e-3) and sizes.beta == 0.2

@@ -25,7 +25,7 @@ from curveball._curvature.loss_derivatives import MAX_CLAMPED_OUTPUTS, LossDeriv
 from curveball._curvature.module_tensors import ModuleTensors
 from curveball._distributed import Averager
 from curveball._loss_scale import MIN_SCALE, after_finite, after_overflow, float16_in_use
-from curveball._param_vectors import ParamLayout, dot
+from curveball._param_vectors import HALF_PRECISION, ParamLayout, dot
 from curveball._quadratic_model import QuadraticModel, convexified
 from curveball._state import STATE_KEY, CurveBallState
 from curveball._step_info import StepInfo
@@ -589,7 +589,7 @@ class CurveBall(torch.optim.Optimizer):
         """``z ← ρ z − β Δz``, then ``w ← w + α z`` per group; remember automatic ρ, β."""
         layout = self._layout
         assert layout is not None and layout.zs is not None
-        if any(z.dtype in (torch.float16, torch.bfloat16) for z in layout.zs):
+        if any(z.dtype in HALF_PRECISION for z in layout.zs):
             # ρ and β need not fit in float16 (β grows as the loss shrinks): combine in float32
             for z, d in zip(layout.zs, dz, strict=True):
                 z.copy_(z.float().mul_(info.rho).sub_(d.float(), alpha=info.beta))

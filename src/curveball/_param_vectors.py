@@ -18,7 +18,8 @@ import torch
 
 from curveball._distributed import Averager
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+HALF_PRECISION = (torch.float16, torch.bfloat16)
+"""Dtypes whose arithmetic CurveBall carries out in float32."""
 
 
 def dot(a: torch.Tensor, b: torch.Tensor, precise: bool = False) -> torch.Tensor:
@@ -26,7 +27,7 @@ def dot(a: torch.Tensor, b: torch.Tensor, precise: bool = False) -> torch.Tensor
     (in float64 if ``precise``)."""
     if precise and a.dtype != torch.float64:
         a, b = a.double(), b.double()
-    elif a.dtype in _LOW_PRECISION or a.dtype != b.dtype:
+    elif a.dtype in HALF_PRECISION or a.dtype != b.dtype:
         a, b = a.float(), b.float()
     return torch.dot(a.reshape(-1), b.reshape(-1))
 

@@ -145,20 +145,6 @@ class QuadraticModel:
         return StepSizes(rho=rho_, beta=beta_, predicted_change=self.change(rho_, beta_))
 
 
-def solve_step_sizes(
-    a11: float,
-    a12: float,
-    a22: float,
-    b1: float,
-    b2: float,
-    rho: float | None = None,
-    beta: float | None = None,
-    rtol: float = 1e-10,
-) -> StepSizes:
-    """:meth:`QuadraticModel.solve` from the five coefficients."""
-    return QuadraticModel(a11, a12, a22, b1, b2).solve(rho, beta, rtol)
-
-
 def _pseudo_solve(m: QuadraticModel, rtol: float) -> tuple[float, float]:
     """Minimum-norm solution of the symmetric 2×2 system, dropping tiny or negative curvature.
 

@@ -28,6 +28,8 @@ from collections.abc import Callable
 
 import torch
 
+from curveball._param_vectors import HALF_PRECISION
+
 MAX_CLAMPED_OUTPUTS = 256
 """The largest number of predictions per sample for which ``psd=True`` is offered."""
 
@@ -54,7 +56,7 @@ class LossDerivatives:
         upcast: bool = False,
     ):
         predictions = predictions.detach()
-        self._upcast = upcast and predictions.dtype in (torch.float16, torch.bfloat16)
+        self._upcast = upcast and predictions.dtype in HALF_PRECISION
         if self._upcast:
             predictions = predictions.float()
         self.predictions = predictions.requires_grad_(True)
