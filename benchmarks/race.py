@@ -19,11 +19,14 @@ the paper's basic CNN with and without batch norm (MNIST 8,000/2,000 split of th
 official test files under ``--data-dir``), and a small causal transformer and an
 LSTM character-level language model on the Python standard library's source
 (read at run time). Contenders: CurveBall at its defaults (and, on request,
-``curveball-paper`` with ``curveball.PAPER_DEFAULTS``, today the same), and
-``curveball-lm`` with a faster Levenberg-Marquardt damping rule; SGD with
-momentum 0.9, Adam and AdamW at their best learning rate; HeavyBall's SOAP and
-PSGD-Kron, pytorch-optimizer's SophiaH, AdaHessian and Shampoo at their documented
-defaults.
+``curveball-paper`` with ``curveball.PAPER_DEFAULTS``, today the same),
+``curveball-lm`` with a faster Levenberg-Marquardt damping rule,
+``curveball-lazy`` solving for ρ and β on every 5th step only, and
+``curveball-tuned`` with its initial λ chosen from a grid by the same pre-run as
+the first-order learning rates (every CurveBall uses the closed-form
+``curveball.losses.cross_entropy``); SGD with momentum 0.9, Adam and AdamW at
+their best learning rate; HeavyBall's SOAP and PSGD-Kron, pytorch-optimizer's
+SophiaH, AdaHessian and Shampoo at their documented defaults.
 
 Example::
 
@@ -50,9 +53,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import common
-from curveball import PAPER_DEFAULTS, CurveBall
+from curveball import PAPER_DEFAULTS, CurveBall, losses
 
 LR_GRIDS = {
+    "curveball-tuned": (1.0, 0.3, 0.1),  # the initial damping λ, not a learning rate
     "sgd": (0.01, 0.03, 0.1, 0.3),
     "adam": (3e-4, 1e-3, 3e-3, 1e-2),
     "adamw": (3e-4, 1e-3, 3e-3, 1e-2),
@@ -164,7 +168,7 @@ def gradient_step(opt: torch.optim.Optimizer, model: nn.Module, create_graph: bo
 
 def curveball_step(opt: CurveBall, model: nn.Module):
     def step(x: torch.Tensor, t: torch.Tensor) -> None:
-        opt.step(lambda: model(x), lambda y: F.cross_entropy(y, _targets(t)))
+        opt.step(lambda: model(x), losses.cross_entropy(_targets(t)))
 
     return step
 
@@ -191,12 +195,10 @@ def _peers() -> dict[str, Callable[[nn.Module], Callable]]:
 
 
 def make_step(name: str, model: nn.Module, lr: float | None):
-    if name == "curveball":
-        return curveball_step(CurveBall(model), model)
-    if name == "curveball-paper":
-        return curveball_step(CurveBall(model, **PAPER_DEFAULTS), model)
-    if name == "curveball-lm":
-        return curveball_step(CurveBall(model, **LM_DAMPING), model)
+    if name in CURVEBALL_OPTIONS:
+        return curveball_step(CurveBall(model, **CURVEBALL_OPTIONS[name]), model)
+    if name == "curveball-tuned":
+        return curveball_step(CurveBall(model, lambd=lr), model)
     if name == "sgd":
         return gradient_step(torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), model)
     if name == "adam":
@@ -210,8 +212,20 @@ LM_DAMPING = {"lambda_factor": (2.0 / 3.0) ** (1.0 / 5.0), "lambda_thresholds": 
 """A Levenberg-Marquardt damping rule (Martens 2010): every 5 steps, λ × 2/3 when the trust
 ratio exceeds 3/4 and λ × 3/2 when it is below 1/4 — through CurveBall's own options."""
 
-CONTENDERS = ("curveball", "curveball-paper", "curveball-lm", "sgd", "adam", "adamw", "soap",
-              "psgd-kron", "sophiah", "adahessian", "shampoo")  # fmt: skip
+CURVEBALL_OPTIONS = {
+    "curveball": {},
+    "curveball-paper": PAPER_DEFAULTS,
+    "curveball-lm": LM_DAMPING,
+    "curveball-lazy": {"step_size_interval": 5},
+}
+"""CurveBall contenders by their constructor keywords. ``curveball-lazy`` solves for ρ and β
+only on the trust-region test steps (every 5th), skipping the second forward-mode pass on
+the others; ``curveball-tuned`` (not here) picks its initial λ from ``LR_GRIDS`` like the
+first-order optimizers pick their learning rate."""
+
+CONTENDERS = ("curveball", "curveball-paper", "curveball-lm", "curveball-lazy",
+              "curveball-tuned", "sgd", "adam", "adamw", "soap", "psgd-kron", "sophiah",
+              "adahessian", "shampoo")  # fmt: skip
 DEFAULT_CONTENDERS = tuple(c for c in CONTENDERS if c != "curveball-paper")  # paper = defaults
 
 

@@ -10,6 +10,7 @@ The public API is what this module exports; every module whose name starts
 with an underscore is internal and may change between releases.
 """
 
+from curveball import losses
 from curveball._curvature.engine import DoubleBackwardUnsupported
 from curveball._curvature.ggn import ggn_vector_product
 from curveball._optimizer import PAPER_DEFAULTS, CurveBall
@@ -24,4 +25,5 @@ __all__ = [
     "StepInfo",
     "__version__",
     "ggn_vector_product",
+    "losses",
 ]

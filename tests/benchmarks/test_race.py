@@ -13,21 +13,25 @@ def test_a_tiny_race_reports_every_contender(tmp_path):
     results = race.run(
         ["--tasks", "char-lstm", "--budget", "4", "--eval-every", "2", "--pre-steps", "1",
          "--text-chars", "20000", "--json", str(out), "--plots", str(tmp_path / "plots"),
-         "--contenders", "curveball", "sgd", "adam", "adamw", "soap", "sophiah"]
+         "--contenders", "curveball", "curveball-tuned", "sgd", "adam", "adamw", "soap",
+         "sophiah"]
     )  # fmt: skip
     saved = json.loads(out.read_text())
     assert saved["results"] == json.loads(json.dumps(results))
     (task,) = results
     assert task["task"] == "char-lstm" and math.isfinite(task["target"])
     names = [row["contender"] for row in task["rows"]]
-    assert names == ["curveball", "sgd", "adam", "adamw", "soap", "sophiah"]
+    assert names == ["curveball", "curveball-tuned", "sgd", "adam", "adamw", "soap", "sophiah"]
     for row in task["rows"]:
         if row["error"] is None:
             assert [step for step, _, _ in row["curve"]] == [0, 2, 4]
             assert row["step_ms"] > 0
     best = next(r for r in task["rows"] if r["contender"] == task["best_adam"])
     assert best["steps_to_target"] is not None and best["time_ratio_to_adam"] == 1.0
-    assert set(task["lr_grids"]) == {"sgd", "adam", "adamw"}
+    assert set(task["lr_grids"]) == {"curveball-tuned", "sgd", "adam", "adamw"}
+    tuned = task["lr_grids"]["curveball-tuned"]
+    assert tuned["chosen"] in race.LR_GRIDS["curveball-tuned"]
+    assert tuned["pre_run_loss"][tuned["chosen"]] == min(tuned["pre_run_loss"].values())
     assert (tmp_path / "plots" / "char-lstm.png").stat().st_size > 0
 
 

@@ -351,3 +351,65 @@ def test_multi_head_attention_runs_in_forward_mode_with_its_builtin_results(need
         theirs = torch.func.jvp(lambda *w: call(*w)[0], tuple(primals), tuple(tangents))
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours[1], theirs[1], rtol=1e-12, atol=1e-12)
+
+
+# (name, function of (x, w, b), shapes of (x, w, b)); statistics are fresh per call
+def _bn(training: bool, channels: int = 3, **kw):
+    def fn(x, w, b):
+        mean = torch.linspace(-0.5, 0.5, channels, dtype=torch.float64)
+        var = torch.linspace(0.5, 2.0, channels, dtype=torch.float64)
+        return F.batch_norm(x, mean, var, w, b, training, **kw)
+
+    return fn
+
+
+BATCH_NORM = {
+    "train-2d": (_bn(True), [(5, 3, 4, 4), (3,), (3,)]),
+    "train-1d-seq": (_bn(True, momentum=0.3, eps=1e-3), [(4, 3, 6), (3,), (3,)]),
+    "train-flat": (_bn(True), [(6, 3), (3,), (3,)]),
+    "eval-2d": (_bn(False), [(5, 3, 4, 4), (3,), (3,)]),
+    "train-no-affine": (lambda x, w, b: F.batch_norm(x, None, None, training=True), [(5, 3, 4)]),
+    "train-keywords": (
+        lambda x, w, b: F.batch_norm(x, None, None, weight=w, bias=b, training=True, eps=1e-4),
+        [(5, 3, 4), (3,), (3,)],
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "name, tangent_of",
+    [
+        (name, of)
+        for name in sorted(BATCH_NORM)
+        for of in ("x", "w", "b", "xwb")
+        if len(BATCH_NORM[name][1]) == 3 or of == "x"
+    ],
+)
+def test_batch_norm_rule_equals_builtin(name, tangent_of):
+    fn, shapes = BATCH_NORM[name]
+    primals = [randn(*s) for s in shapes] + [None] * (3 - len(shapes))
+    tangents = [
+        randn(*p.shape) if p is not None and ("xwb"[i] in tangent_of) else None
+        for i, p in enumerate(primals)
+    ]
+    expected = run(fn, primals, tangents)
+    got = run(fn, primals, tangents, LeanTangents(0))
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=1e-13)
+
+
+def test_batch_norm_updates_running_statistics_like_the_builtin_and_replays():
+    x, w, b = randn(8, 3, 5), randn(3), randn(3)
+    stats = [torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
+    plain = [t.clone() for t in stats]
+    F.batch_norm(x, *plain, w, b, True, 0.2)
+    rules = LeanTangents(0, record=True)
+    fn = lambda x, w: F.batch_norm(x, *stats, w, b, True, 0.2)  # noqa: E731
+    first = run(fn, [x, w], [randn(8, 3, 5), randn(3)], rules)
+    torch.testing.assert_close(stats, plain, rtol=0, atol=0)
+    tangents = [randn(8, 3, 5), randn(3)]
+    replayed = run(fn, [x, w], tangents, LeanTangents(0, replay=rules.records))
+    torch.testing.assert_close(stats, plain, rtol=0, atol=0)  # replayed: no second update
+    fresh = run(fn, [x, w], tangents)
+    torch.testing.assert_close(replayed[0], first[0], rtol=0, atol=0)
+    torch.testing.assert_close(replayed[1], fresh[1], rtol=1e-12, atol=1e-13)

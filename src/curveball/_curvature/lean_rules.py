@@ -15,6 +15,12 @@ does it more cheaply, with identical results:
   (CurveBall never differentiates a tangent).
 * Max pooling has the tangent ``ẋ`` gathered at the arg-max positions.
 * Average pooling is linear: the tangent is the pooled ``ẋ``.
+* Batch normalisation (``F.batch_norm``) with batch statistics ``μ``, ``s = 1/σ``
+  and ``x̂ = (x − μ) s`` over every dimension but the channels has the tangent
+  ``ẏ = γ s (ẋ − mean(ẋ) − x̂ mean(ẋ x̂)) + γ̇ x̂ + β̇`` (with running statistics,
+  ``γ s ẋ + γ̇ x̂ + β̇``). The primal, ``μ`` and ``s`` come from one call of the fused
+  kernel (which also updates the running statistics as usual), instead of the
+  built-in formula's recomputation of the statistics.
 * Scaled dot-product attention (``F.scaled_dot_product_attention``), whose
   fused kernels have no forward-mode formula, gets the closed-form tangent of
   :mod:`~curveball._curvature.attention_rule`. ``nn.MultiheadAttention`` runs
@@ -84,6 +90,8 @@ _AVG_POOL = frozenset(
         F.adaptive_avg_pool3d,
     }
 )
+_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training",
+                    "momentum", "eps")  # fmt: skip
 _RETURN_INDICES = 6  # position of ``return_indices`` in F.max_poolNd's signature
 _RECURRENT = frozenset({torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu})
 _NEED_WEIGHTS = 15  # position of ``need_weights`` in F.multi_head_attention_forward's signature
@@ -98,6 +106,29 @@ def _onednn_disabled() -> Iterator[None]:
         yield
     finally:
         torch._C._set_mkldnn_enabled(enabled)
+
+
+def _batch_norm_tangent(xt, wt, bt, centred, inv, weight, training: bool) -> torch.Tensor:
+    """``ẏ = A ẋ + B x̂ + C`` with per-channel ``A = γ s``, ``B = γ̇ − A mean(ẋ x̂)`` and
+    ``C = β̇ − A mean(ẋ)`` (the means only with batch statistics), formed from the
+    centred input ``x − μ`` in four passes over the activations."""
+    shape = inv.shape
+    a = inv if weight is None else inv * weight
+    b = c = None
+    if xt is not None and training:
+        dims = [0, *range(2, xt.dim())]
+        c = -a * xt.mean(dims, keepdim=True)
+        b = -a * inv * (xt * centred).mean(dims, keepdim=True)
+    if wt is not None:
+        b = wt.view(shape) if b is None else b + wt.view(shape)
+    if bt is not None:
+        c = bt.view(shape) if c is None else c + bt.view(shape)
+    tangent = torch.zeros_like(centred) if c is None else c.expand_as(centred).clone()
+    if b is not None:
+        tangent.addcmul_(b * inv, centred)
+    if xt is not None:
+        tangent.addcmul_(a, xt)
+    return tangent
 
 
 @dataclass
@@ -191,6 +222,8 @@ class LeanTangents(TorchFunctionMode):
             out = self._max_pool(func, args, kwargs)
         elif func in _AVG_POOL:
             out = self._linear_pool(func, args, kwargs)
+        elif func is F.batch_norm:
+            out = self._batch_norm(args, kwargs)
         elif func is F.scaled_dot_product_attention:
             out = self._attention(args, kwargs)
         elif func is F.multi_head_attention_forward:
@@ -269,6 +302,43 @@ class LeanTangents(TorchFunctionMode):
         with torch.no_grad():
             tangent = func(xt, *args[1:], **kwargs)
         return fwAD.make_dual(primal, tangent, level=self.level)
+
+    def _batch_norm(self, args: tuple, kwargs: dict):
+        if len(args) > len(_BATCH_NORM_ARGS) or set(kwargs) - set(_BATCH_NORM_ARGS):
+            return None
+        call = dict(zip(_BATCH_NORM_ARGS[: len(args)], args, strict=True)) | kwargs
+        x, w, b = call.get("input"), call.get("weight"), call.get("bias")
+        mean, var = call.get("running_mean"), call.get("running_var")
+        training = bool(call.get("training", False))
+        momentum, eps = call.get("momentum", 0.1), call.get("eps", 1e-5)
+        if not all(t is None or _plain(t) for t in (x, w, b, mean, var)) or x is None:
+            return None
+        if x.dim() < 2 or (not training and (mean is None or var is None)):
+            return None
+        if any(self._unpack(t)[1] is not None for t in (mean, var) if t is not None):
+            return None  # statistics with a tangent (not a module's buffers)
+        (xp, xt), (wp, wt), (bp, bt) = (self._unpack(t) for t in (x, w, b))
+        if xt is None and wt is None and bt is None:
+            return None
+        key = ("batch_norm", tuple(xp.shape), xp.dtype, _storage_key(wp), _storage_key(bp),
+               training, momentum, eps)  # fmt: skip
+        shape = (1, -1) + (1,) * (xp.dim() - 2)
+
+        def primal():
+            if training:
+                out, mu, inv = torch.native_batch_norm(xp, wp, bp, mean, var, True, momentum, eps)
+            else:
+                out = F.batch_norm(xp, mean, var, wp, bp, False, momentum, eps)
+                mu, inv = mean, torch.rsqrt(var + eps)
+            mu, inv = mu.detach().to(xp.dtype).view(shape), inv.detach().to(xp.dtype).view(shape)
+            return out, inv, xp.detach() - mu
+
+        out, inv, centred = self._primal(key, primal)
+        with torch.no_grad():
+            tangent = _batch_norm_tangent(
+                xt, wt, bt, centred, inv, None if wp is None else wp.view(shape), training
+            )
+        return fwAD.make_dual(out, tangent, level=self.level)
 
     def _attention(self, args: tuple, kwargs: dict):
         call = AttentionCall.bind(args, kwargs)

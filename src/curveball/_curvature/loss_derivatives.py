@@ -20,6 +20,11 @@ predictions per sample); each block ``B = V diag(μ) Vᵀ`` becomes
 loss has, unlike a Fisher substitute built from gradients alone. It costs ``C``
 Hessian-vector products in ``y`` and a batched ``C × C`` eigendecomposition per
 step, so it is offered for ``C ≤`` :data:`MAX_CLAMPED_OUTPUTS`.
+
+*Closed forms.* A ``loss_fn`` from :mod:`curveball.losses` (cross-entropy,
+squared error) brings ``L``, ``J_L`` and ``H_L v`` in closed form: no graph of
+the loss is built and no autograd pass runs; its Hessian is positive
+semi-definite, so ``psd`` does not apply.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from collections.abc import Callable
 import torch
 
 from curveball._param_vectors import HALF_PRECISION
+from curveball.losses import ClosedFormLoss, Hvp
 
 MAX_CLAMPED_OUTPUTS = 256
 """The largest number of predictions per sample for which ``psd=True`` is offered."""
@@ -59,6 +65,13 @@ class LossDerivatives:
         self._upcast = upcast and predictions.dtype in HALF_PRECISION
         if self._upcast:
             predictions = predictions.float()
+        self._closed: Hvp | None = None
+        self._blocks: torch.Tensor | None = None
+        if isinstance(loss_fn, ClosedFormLoss):
+            self.predictions = predictions
+            self.loss, self.grad, self._closed = loss_fn.derivatives(predictions)
+            self._linear = False
+            return
         self.predictions = predictions.requires_grad_(True)
         with torch.enable_grad():
             loss = loss_fn(self.predictions)
@@ -79,7 +92,6 @@ class LossDerivatives:
         self.loss = loss.detach()
         self.grad = grad  # J_L, still attached to the loss graph for H_L products
         self._linear = not grad.requires_grad
-        self._blocks: torch.Tensor | None = None
         if psd and not self._linear:
             self._blocks = self._positive_blocks()
 
@@ -114,6 +126,8 @@ class LossDerivatives:
             vector = vector.float()
         if self._linear:
             return torch.zeros_like(vector)
+        if self._closed is not None:
+            return self._closed(vector)
         if self._blocks is not None:
             flat = vector.reshape(vector.shape[0], -1, 1)
             return (self._blocks @ flat).reshape(vector.shape)
@@ -127,3 +141,4 @@ class LossDerivatives:
         self.grad = self.grad.detach()
         self._linear = True
         self._blocks = None
+        self._closed = None
