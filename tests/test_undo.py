@@ -22,6 +22,21 @@ def test_rng_snapshot_rewinds_torch_python_and_numpy():
     assert draws() == first
 
 
+def test_generators_nothing_drew_from_are_not_rewound_and_the_others_are():
+    before = RngSnapshot([torch.device("cpu")])
+    np.random.standard_normal()  # a pass that draws from NumPy only
+    after = RngSnapshot([torch.device("cpu")])
+    after.forget_unused(before)
+    assert before.python is None and after.python is None
+    assert before.numpy is not None and after.numpy is not None
+    python_state = random.getstate()
+    before.restore()
+    assert random.getstate() == python_state  # Python's generator is left alone
+    first = np.random.standard_normal()
+    before.restore()
+    assert np.random.standard_normal() == first  # NumPy's still rewinds
+
+
 def test_buffer_snapshot_puts_values_back_in_the_registered_tensors():
     bn = nn.BatchNorm1d(3)
     snapshot = BufferSnapshot(lambda: list(bn.buffers()))

@@ -109,6 +109,8 @@ class JacobianEngine(ABC):
             self._rng_before = RngSnapshot(devices)
         else:
             self._rng_after = RngSnapshot(devices)
+            assert self._rng_before is not None
+            self._rng_after.forget_unused(self._rng_before)
 
     def _scratch_buffers(self) -> list[torch.Tensor] | None:
         if self.tensors is None or not self.tensors.buffer_slots:
