@@ -144,3 +144,40 @@ def test_a_named_experiment_without_its_data_fails_clearly(
 ) -> None:
     assert main(["cifar10", "--out", str(tmp_path)]) == 2
     assert "cifar10: cannot run" in capsys.readouterr().err
+
+
+def test_curveball_options_reach_every_curveball_and_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from curveball import CurveBall
+    from curveball_experiments import optimizers
+
+    built = []
+    original = CurveBall.__init__
+
+    def spy(self, *args, **kwargs):
+        built.append(kwargs)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CurveBall, "__init__", spy)
+    argv = ["linear", "--quick", "--seeds", "1", "--out", str(tmp_path)]
+    assert main([*argv, "--curveball", "lambd=0.5", "lambda_thresholds=(0.25, 0.75)"]) == 0
+    expected = {"lambd": 0.5, "lambda_thresholds": (0.25, 0.75)}
+    assert len(built) > 1 and all(kwargs == expected for kwargs in built)
+    notes = " ".join(json.loads((tmp_path / "linear" / "results.json").read_text())["notes"])
+    assert "defaults except lambd=0.5, lambda_thresholds=(0.25, 0.75)" in notes
+    built.clear()
+    assert main(argv) == 0  # the next run is back at the defaults
+    assert built and all(kwargs == {} for kwargs in built)
+    assert optimizers.CURVEBALL_OPTIONS == {}
+
+
+@pytest.mark.parametrize(
+    "option, error",
+    [("lambd", SystemExit), ("lambd=x y", SystemExit), ("lambd=-1", ValueError),
+     ("speed=2", TypeError)],
+)  # fmt: skip
+def test_bad_curveball_options_fail_before_anything_runs(tmp_path: Path, option, error) -> None:
+    with pytest.raises(error):
+        main(["linear", "--quick", "--out", str(tmp_path), "--curveball", option])
+    assert not (tmp_path / "linear").exists()

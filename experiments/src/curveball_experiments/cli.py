@@ -10,10 +10,12 @@ on its synthetic fallback, and every data experiment whose files are under
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -58,7 +60,27 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--classes", type=int, default=None, help="imagenet: first K classes only")
     p.add_argument("--image-size", type=int, default=None, help="imagenet: image side (128)")
+    p.add_argument(
+        "--curveball",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        type=_keyword,
+        help="CurveBall constructor keywords instead of its defaults, e.g. lambd=0.1 "
+        "lambda_thresholds=(0.25,0.75) (values are Python literals)",
+    )
     return p
+
+
+def _keyword(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with a Python literal value, for ``--curveball``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"{key}: {value!r} is not a Python literal") from None
 
 
 def _seeds(args: argparse.Namespace, name: str) -> list[int]:
@@ -122,6 +144,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from curveball_experiments.datasets import default_data_dir
 
     args = parser().parse_args(argv)
+    from curveball_experiments import optimizers
+
+    optimizers.CURVEBALL_OPTIONS.clear()
+    if args.curveball:
+        from curveball import CurveBall
+
+        options = dict(args.curveball)
+        CurveBall(torch.nn.Linear(1, 1), **options)  # a bad keyword or value fails here, now
+        optimizers.CURVEBALL_OPTIONS.update(options)
     data_dir = default_data_dir(args.data_dir)
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     status = 0

@@ -226,11 +226,23 @@ class CurveBallStepper:
         return loss.detach()
 
 
+CURVEBALL_OPTIONS: dict[str, Any] = {}
+"""Constructor keywords for every CurveBall of a run (empty: the defaults); set by the
+command line's ``--curveball KEY=VALUE``."""
+
+
 def curveball(module: nn.Module) -> CurveBallStepper:
-    """CurveBall at its default settings on ``module`` (no tuning)."""
+    """CurveBall on ``module`` at its default settings, or with :data:`CURVEBALL_OPTIONS`."""
     from curveball import CurveBall
 
-    return CurveBallStepper(CurveBall(module))
+    return CurveBallStepper(CurveBall(module, **CURVEBALL_OPTIONS))
+
+
+def curveball_description() -> str:
+    """How CurveBall is set up in this run, for the reports."""
+    if not CURVEBALL_OPTIONS:
+        return "defaults (lr 1, lambda 1, automatic rho and beta)"
+    return "defaults except " + ", ".join(f"{k}={v!r}" for k, v in CURVEBALL_OPTIONS.items())
 
 
 class GridSGD:

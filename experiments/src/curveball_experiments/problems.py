@@ -480,7 +480,7 @@ def _common_notes(report: Report, settings: SmallSettings) -> None:
         f"Iteration cap {settings.cap}; a run that has not converged by then counts as "
         f"{settings.cap} iterations (see the 'converged' column).",
         "Every optimizer sees the same start point and the same random draws for a given seed.",
-        "CurveBall runs at its defaults (lr 1, lambda 1, automatic rho and beta), no tuning.",
+        f"CurveBall: {optimizers.curveball_description()}, no tuning.",
         "SGD (momentum 0.9) and Adam: best lr of the grid "
         + ", ".join(f"{lr:.3g}" for lr in settings.lrs)
         + " chosen on the reported seeds themselves (this favours them); selection by median "

@@ -112,7 +112,7 @@ def _describe(
             "batch_size": settings.batch_size,
             "seeds": list(seeds),
             "optimizers": {
-                "CurveBall": "defaults (lr 1, lambda 1, automatic rho and beta)",
+                "CurveBall": optimizers.curveball_description(),
                 "SGD": f"momentum {optimizers.SGD_MOMENTUM}, lr {optimizers.DEFAULT_LR['SGD']}",
                 "Adam": f"lr {optimizers.DEFAULT_LR['Adam']}, betas (0.9, 0.999)",
             },

@@ -1,0 +1,59 @@
+"""A diagonal preconditioner for the update of ``z`` (an option; off in the paper's method).
+
+CurveBall improves its estimate ``z`` of the Newton step by one gradient step on
+the quadratic model per iteration, ``z' = ρ z − β Δz`` with
+``Δz = (G + λI) z + g`` the model's gradient. A plain gradient step converges
+slowly along directions whose curvature is small compared with the largest one,
+and with a small damping λ the curvature of a network spans many scales. With
+``precondition=True`` the step is taken along
+
+    d = P Δz,   P = diag(1 / (√v + ε)),   v ← γ v + (1 − γ) Δz²
+
+instead: the second-moment scaling of RMSProp and Adam (Kingma and Ba, ICLR
+2015), applied to the inner solver rather than to the parameters. Everything
+else is unchanged: ρ and β are still the exact minimiser of the model over
+``span{z, d}`` (so the overall scale of ``P`` does not matter and ``v`` needs no
+bias correction), and since ``P`` is positive definite, ``d = 0`` exactly when
+``Δz = 0``: the fixed point is still ``z = −(G + λI)⁻¹ g``.
+
+``v`` is kept in float32 at least, and it only changes when a step is
+committed: a skipped step leaves it as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from curveball._param_vectors import HALF_PRECISION
+
+
+def square_average_like(p: torch.Tensor) -> torch.Tensor:
+    """A zero moving average of ``Δz²`` for parameter ``p`` (float32 for half precision)."""
+    dtype = torch.float32 if p.dtype in HALF_PRECISION else p.dtype
+    return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+
+def precondition_(
+    dz: Sequence[torch.Tensor], averages: Sequence[torch.Tensor], decay: float, eps: float
+) -> list[torch.Tensor]:
+    """Turn ``Δz`` into ``d = Δz / (√v' + ε)`` in place and return ``v'`` (new tensors).
+
+    Args:
+        dz: ``Δz``, one tensor per parameter; overwritten with ``d``.
+        averages: the current ``v`` (left unchanged).
+        decay: γ in ``v' = γ v + (1 − γ) Δz²``.
+        eps: ε, added to ``√v'``.
+    """
+    wide = [d.float() if d.dtype in HALF_PRECISION else d for d in dz]
+    updated = torch._foreach_mul(list(averages), decay)
+    torch._foreach_addcmul_(updated, wide, wide, value=1.0 - decay)
+    denominators = torch._foreach_sqrt(updated)
+    torch._foreach_add_(denominators, eps)
+    if all(w is d for w, d in zip(wide, dz, strict=True)):
+        torch._foreach_div_(list(dz), denominators)
+    else:
+        for d, w, denominator in zip(dz, wide, denominators, strict=True):
+            d.copy_(w / denominator)
+    return updated
