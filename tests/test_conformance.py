@@ -40,7 +40,7 @@ def test_z_converges_to_the_damped_newton_step_on_the_expected_engine(name):
     family = family_or_skip(name)
     model, inputs, targets = family.make()
     loss_fn = zoo_cross_entropy(targets)
-    opt = CurveBall(model, lr=0.0, lambd=LAMBDA, auto_lambda=False)
+    opt = CurveBall(model, lr=0.0, lambd=LAMBDA, auto_lambda=False, precondition=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the fallback's, where expected
         for _ in range(NEWTON_STEPS):

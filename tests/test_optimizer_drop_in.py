@@ -30,12 +30,14 @@ def one_minus_p_correct(t):
     return lambda y: (1.0 - torch.softmax(y, dim=1).gather(1, t[:, None])).mean()
 
 
-@pytest.mark.parametrize("lambd", [1.0, 1e-3])
+@pytest.mark.parametrize("lambd, precondition", [(0.1, True), (1.0, True), (1e-3, False)])
 @pytest.mark.parametrize("kind", ["cauchy", "1-p"])
-def test_a_loss_that_is_not_convex_in_the_predictions_trains_and_says_so_once(kind, lambd):
+def test_a_loss_that_is_not_convex_in_the_predictions_trains_and_says_so_once(
+    kind, lambd, precondition
+):
     model, x, t = CASES["mlp"].make(batch=32, dtype=torch.float32)
     loss_fn = cauchy_far_from_target if kind == "cauchy" else one_minus_p_correct(t)
-    opt = CurveBall(model, lambd=lambd, lambda_interval=1)
+    opt = CurveBall(model, lambd=lambd, lambda_interval=1, precondition=precondition)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         losses = train(model, opt, x, loss_fn, 20)
@@ -43,7 +45,7 @@ def test_a_loss_that_is_not_convex_in_the_predictions_trains_and_says_so_once(ki
     if kind == "cauchy" or opt.curveball_state.psd_loss:
         assert len(convexity) == 1 and convexity[0].filename == __file__
     assert opt.curveball_state.psd_loss or kind == "1-p"
-    if lambd == 1.0:
+    if lambd >= 0.1:
         assert losses[-1] < 0.8 * losses[0]
     else:  # little damping: what matters is that it moves and λ adapts
         assert min(losses) < losses[0]
@@ -137,12 +139,29 @@ def test_every_pass_sees_the_same_numpy_and_python_draws(mode):
 
 def test_a_float32_loss_near_1e20_trains_like_the_unscaled_loss():
     model, x, t = CASES["mlp"].make(batch=32, dtype=torch.float32)
-    opt = CurveBall(model, lambd=1e20)  # λ scales with the loss: the same method
+    # λ scales with the loss: the same method (the paper's; its inner products overflow)
+    opt = CurveBall(model, lambd=1e20, precondition=False)
     scaled = train(model, opt, x, lambda y: 1e20 * F.cross_entropy(y, t), 12)
     model, x, t = CASES["mlp"].make(batch=32, dtype=torch.float32)
-    reference = train(model, CurveBall(model), x, cross_entropy(t), 12)
+    reference = train(
+        model, CurveBall(model, lambd=1.0, precondition=False), x, cross_entropy(t), 12
+    )
     assert not any(s for s in [opt.last.skipped])
     np.testing.assert_allclose(np.array(scaled) / 1e20, reference, rtol=1e-3)
+
+
+def test_a_float32_loss_near_1e30_trains_with_the_preconditioner():
+    """Δz² overflows float32 here: the preconditioner's average saturates, steps stay finite."""
+    model, x, t = CASES["mlp"].make(batch=32, dtype=torch.float32)
+    opt = CurveBall(model, lambd=1e29)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no skipped step
+        losses = train(model, opt, x, lambda y: 1e30 * F.cross_entropy(y, t), 12)
+    averages = [opt.state[p]["dz_square_average"] for p in model.parameters()]
+    assert all(torch.isfinite(v).all() for v in averages)
+    assert max(float(v.max()) for v in averages) == torch.finfo(torch.float32).max
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert losses[-1] < 0.8 * losses[0]  # as the unscaled loss does (1.07 → 0.72)
 
 
 def test_bare_parameters_update_batch_norm_statistics_once_per_step():

@@ -44,7 +44,7 @@ def test_frozen_parameters_drive_z_to_the_damped_newton_step(mode, weight_decay,
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_step_sizes_minimise_the_model_over_the_plane(kind):
     model, x, loss_fn = tiny_problem(1, kind)
-    opt = CurveBall(model, lr=0.0, lambd=0.7, auto_lambda=False)
+    opt = CurveBall(model, lr=0.0, lambd=0.7, auto_lambda=False, precondition=False)
     for _ in range(3):  # a nonzero z
         opt.step(lambda: model(x), loss_fn)
     dense = dense_problem(model, x, loss_fn)
@@ -77,7 +77,7 @@ def test_step_sizes_minimise_the_model_over_the_plane(kind):
 def test_first_step_with_zero_z_is_finite_and_along_the_gradient():
     model, x, loss_fn = tiny_problem(2)
     dense = dense_problem(model, x, loss_fn)
-    opt = CurveBall(model)
+    opt = CurveBall(model, lambd=1.0, precondition=False)
     opt.step(lambda: model(x), loss_fn)
     info = opt.last
     assert info.rho == 0.0 and info.beta > 0.0 and not info.skipped
@@ -130,7 +130,9 @@ def test_damping_rule_moves_lambda_the_right_way():
 
 def test_fixed_momentum_and_beta_are_used_as_given():
     model, x, loss_fn = tiny_problem(5)
-    opt = CurveBall(model, momentum=0.9, beta=0.01, lambd=1.0, auto_lambda=False)
+    opt = CurveBall(
+        model, momentum=0.9, beta=0.01, lambd=1.0, auto_lambda=False, precondition=False
+    )
     opt.step(lambda: model(x), loss_fn)
     z1 = flat_z(opt, model).clone()
     dense = dense_problem(model, x, loss_fn)

@@ -39,6 +39,7 @@ def test_a_checkpoint_of_release_0_1_0_resumes_exactly():
     )
     opt.load_state_dict(saved["optimizer"])
     assert opt.steps == 3 and opt.curveball_state.sizes is not None
+    assert opt.param_groups[0]["precondition"] is False  # it did not exist then
     for x, t in saved["batches"]:
         opt.step(lambda x=x: model(x), cross_entropy(t))
     for name, value in model.state_dict().items():
@@ -54,19 +55,22 @@ def test_every_hyper_parameter_is_in_the_param_groups_and_the_state_dict():
         "lr": 1.0,
         "momentum": 0.5,
         "beta": None,
-        "lambd": 1.0,
+        "lambd": 0.1,
         "auto_lambda": True,
         "lambda_factor": 0.999,
         "lambda_thresholds": (0.5, 1.5),
         "lambda_interval": 3,
         "step_size_interval": 2,
         "weight_decay": 0.0,
+        "precondition": True,
+        "precondition_decay": 0.999,
+        "precondition_eps": 1e-8,
     }.items():
         assert group[name] == value
     saved = opt.state_dict()
     assert saved["param_groups"][0]["lambda_interval"] == 3
     assert saved["curveball"] == {
-        "lambd": 1.0,
+        "lambd": 0.1,
         "step": 0,
         "rho": None,
         "beta": None,
@@ -137,11 +141,13 @@ def test_the_global_record_round_trips():
     assert CurveBallState.from_dict(torch.load(buffer)) == state
 
 
-def test_paper_defaults_are_the_published_method_and_todays_defaults():
+def test_paper_defaults_are_the_published_method_and_differ_from_todays_in_two_places():
     from curveball import PAPER_DEFAULTS
 
     model, _, _ = CASES["mlp"].make()
     paper = CurveBall(model, **PAPER_DEFAULTS).param_groups[0]
     default = CurveBall(model).param_groups[0]
-    assert {k: paper[k] for k in PAPER_DEFAULTS} == {k: default[k] for k in PAPER_DEFAULTS}
+    differ = {k for k in PAPER_DEFAULTS if paper[k] != default[k]}
+    assert differ == {"lambd", "precondition"}
     assert PAPER_DEFAULTS["lambd"] == 1.0 and PAPER_DEFAULTS["lambda_interval"] == 5
+    assert PAPER_DEFAULTS["precondition"] is False and default["lambd"] == 0.1

@@ -20,7 +20,7 @@ def test_as_dict_gives_plain_floats_with_nan_for_what_was_not_measured():
 
 def test_a_step_reports_what_it_did():
     model, x, t = CASES["mlp"].make()
-    opt = CurveBall(model, lambda_interval=2)
+    opt = CurveBall(model, lambda_interval=2, lambda_thresholds=(0.5, 1.1))
     for _ in range(2):
         opt.step(lambda: model(x), cross_entropy(t))
     info = opt.last

@@ -329,9 +329,11 @@ class CurveBall(torch.optim.Optimizer):
         record = CurveBallState.from_dict(saved) if saved is not None else None
         self._check_saved_shapes(state_dict)
         super().load_state_dict(state_dict)
-        for group in self.param_groups:  # checkpoints of 0.1.0 kept only lr and weight_decay
+        for group in self.param_groups:
+            # 0.1.0 kept only lr and weight_decay in the groups: the others come from the
+            # constructor, except the preconditioner, which no older checkpoint trained with
             for name, value in self.defaults.items():
-                group.setdefault(name, value)
+                group.setdefault(name, False if name == "precondition" else value)
             _check_hyperparameters(group)
         self._hyperparameters()
         if record is not None:

@@ -16,7 +16,8 @@ else is unchanged: ρ and β are still the exact minimiser of the model over
 bias correction), and since ``P`` is positive definite, ``d = 0`` exactly when
 ``Δz = 0``: the fixed point is still ``z = −(G + λI)⁻¹ g``.
 
-``v`` is kept in float32 at least, and it only changes when a step is
+``v`` is kept in float32 at least (saturating at the largest finite value,
+for losses near float32's range), and it only changes when a step is
 committed: a skipped step leaves it as it was.
 """
 
@@ -49,6 +50,11 @@ def precondition_(
     wide = [d.float() if d.dtype in HALF_PRECISION else d for d in dz]
     updated = torch._foreach_mul(list(averages), decay)
     torch._foreach_addcmul_(updated, wide, wide, value=1.0 - decay)
+    # Δz² overflows float32 beyond |Δz| ≈ 1.8e19 (a loss near 1e20): v then saturates at the
+    # largest finite value, so d stays finite and the step still descends
+    for dtype in {t.dtype for t in updated}:
+        same = [t for t in updated if t.dtype == dtype]
+        torch._foreach_clamp_max_(same, torch.finfo(dtype).max)
     denominators = torch._foreach_sqrt(updated)
     torch._foreach_add_(denominators, eps)
     if all(w is d for w, d in zip(wide, dz, strict=True)):

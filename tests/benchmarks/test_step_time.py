@@ -107,7 +107,7 @@ def test_older_double_backward_step_is_a_curveball_step():
     x = torch.randn(9, 5, dtype=torch.float64)
     t = torch.randint(0, 3, (9,))
     older = step_time._older_step(model, x, t)
-    opt = CurveBall(twin, auto_lambda=False)
+    opt = CurveBall(twin, lambd=1.0, auto_lambda=False, precondition=False)
     for _ in range(4):
         older()
         opt.step(lambda: twin(x), lambda y: F.cross_entropy(y, t))
