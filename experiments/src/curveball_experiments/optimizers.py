@@ -240,9 +240,17 @@ def curveball(module: nn.Module) -> CurveBallStepper:
 
 def curveball_description() -> str:
     """How CurveBall is set up in this run, for the reports."""
+    import inspect
+
+    from curveball import CurveBall
+
+    defaults = inspect.signature(CurveBall).parameters
+    shown = ("lr", "lambd", "precondition")
+    text = ", ".join(f"{k}={defaults[k].default!r}" for k in shown)
+    text = f"defaults ({text}, automatic rho and beta)"
     if not CURVEBALL_OPTIONS:
-        return "defaults (lr 1, lambda 1, automatic rho and beta)"
-    return "defaults except " + ", ".join(f"{k}={v!r}" for k, v in CURVEBALL_OPTIONS.items())
+        return text
+    return text + " except " + ", ".join(f"{k}={v!r}" for k, v in CURVEBALL_OPTIONS.items())
 
 
 class GridSGD:

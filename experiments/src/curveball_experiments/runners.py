@@ -93,8 +93,9 @@ def run_models(
     bar.close()
     report.curve_label = f"training loss (mini-batch, running mean of {SMOOTHING})"
     report.notes.append(
-        "settings.curveball_final_lambda: CurveBall's damping after the last step (it starts "
-        "at 1; the trust-region rule changes it by at most a factor 0.999 per step)."
+        "settings.curveball_final_lambda: CurveBall's damping after the last step (CurveBall: "
+        f"{optimizers.curveball_description()}; the trust-region rule changes λ by at most a "
+        "factor 0.999 per step)."
     )
 
 
