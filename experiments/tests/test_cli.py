@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 from pathlib import Path
@@ -155,6 +156,7 @@ def test_curveball_options_reach_every_curveball_and_the_report(
     built = []
     original = CurveBall.__init__
 
+    @functools.wraps(original)  # keeps the signature, which the reports read
     def spy(self, *args, **kwargs):
         built.append(kwargs)
         original(self, *args, **kwargs)
