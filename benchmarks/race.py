@@ -166,9 +166,16 @@ def gradient_step(opt: torch.optim.Optimizer, model: nn.Module, create_graph: bo
     return step
 
 
-def curveball_step(opt: CurveBall, model: nn.Module):
+def curveball_step(opt: CurveBall, model: nn.Module, closed_form: bool = True):
+    """A CurveBall step on cross-entropy: ``curveball.losses``' closed form, or (with
+    ``closed_form=False``) the plain function, whose derivatives come from autograd."""
+
     def step(x: torch.Tensor, t: torch.Tensor) -> None:
-        opt.step(lambda: model(x), losses.cross_entropy(_targets(t)))
+        if closed_form:
+            loss_fn = losses.cross_entropy(_targets(t))
+        else:
+            loss_fn = lambda y: F.cross_entropy(y, _targets(t))  # noqa: E731
+        opt.step(lambda: model(x), loss_fn)
 
     return step
 
@@ -226,7 +233,6 @@ first-order optimizers pick their learning rate."""
 CONTENDERS = ("curveball", "curveball-paper", "curveball-lm", "curveball-lazy",
               "curveball-tuned", "sgd", "adam", "adamw", "soap", "psgd-kron", "sophiah",
               "adahessian", "shampoo")  # fmt: skip
-DEFAULT_CONTENDERS = CONTENDERS
 
 
 # ------------------------------------------------------------------------------ the race
@@ -426,7 +432,7 @@ def plot(results: list[dict], folder: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    p.add_argument("--contenders", nargs="+", default=list(DEFAULT_CONTENDERS), choices=CONTENDERS)
+    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     p.add_argument("--budget", type=int, default=400, help="steps per contender")
     p.add_argument("--pre-steps", type=int, default=None, help="learning-rate pre-run steps")
     p.add_argument("--eval-every", type=int, default=25)

@@ -25,7 +25,6 @@ import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import race
@@ -36,15 +35,6 @@ STEP_KEY = "Optimizer.step#CurveBall.step"
 SHORT = ("pass 1", "loss", "backward", "pass 2", "scalars", "update", "test")
 
 
-def autograd_loss_step(optimizer: CurveBall, model: torch.nn.Module):
-    """A race step whose loss is a plain function (derivatives by autograd)."""
-
-    def step(x: torch.Tensor, t: torch.Tensor) -> None:
-        optimizer.step(lambda: model(x), lambda y: F.cross_entropy(y, t.reshape(-1)))
-
-    return step
-
-
 def profile_task(
     task: race.Task, x: torch.Tensor, t: torch.Tensor, steps: int, warmup: int, loss: str
 ) -> dict:
@@ -52,10 +42,7 @@ def profile_task(
     torch.manual_seed(0)
     model = task.build()
     optimizer = CurveBall(model)
-    if loss == "closed":
-        step = race.curveball_step(optimizer, model)
-    else:
-        step = autograd_loss_step(optimizer, model)
+    step = race.curveball_step(optimizer, model, closed_form=loss == "closed")
     order = race.batches(len(x), task.batch_size, warmup + steps, seed=0)
     for idx in order[:warmup]:
         step(x[idx], t[idx])

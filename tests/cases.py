@@ -131,6 +131,17 @@ LOSSES: dict[str, Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor
 }
 
 
+def tiny_problem(seed: int = 0, kind: str = "mlp", batch: int = 10):
+    """A case's float64 model, its inputs and a cross-entropy loss."""
+    model, x, t = CASES[kind].make(seed, batch=batch)
+    return model, x, cross_entropy(t)
+
+
+def flat_state(opt: torch.optim.Optimizer, model: nn.Module, key: str = "z") -> torch.Tensor:
+    """One per-parameter state tensor of ``opt``, flattened in the model's parameter order."""
+    return torch.cat([opt.state[p][key].reshape(-1) for p in model.parameters()])
+
+
 # The zoo of model families people use (transformers, recurrent, normalisation, ...),
 # shared with the conformance benchmark.
 from benchmarks.zoo import ZOO  # noqa: E402

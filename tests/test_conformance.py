@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from cases import ZOO, zoo_cross_entropy
+from cases import ZOO, flat_state, zoo_cross_entropy
 
 from benchmarks.oracles import dense_problem, flat_params, stateless_copy
 from benchmarks.zoo import available
@@ -31,10 +31,6 @@ def family_or_skip(name: str):
     return family
 
 
-def flat_z(opt: CurveBall, model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([opt.state[p]["z"].reshape(-1) for p in model.parameters()])
-
-
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_z_converges_to_the_damped_newton_step_on_the_expected_engine(name):
     family = family_or_skip(name)
@@ -49,7 +45,7 @@ def test_z_converges_to_the_damped_newton_step_on_the_expected_engine(name):
     dense = dense_problem(family.traceable(model), inputs, loss_fn, family.predict)
     system = dense["G"] + LAMBDA * torch.eye(dense["w"].numel(), dtype=torch.float64)
     newton = -torch.linalg.solve(system, dense["g"])
-    error = (flat_z(opt, model) - newton).norm() / newton.norm()
+    error = (flat_state(opt, model) - newton).norm() / newton.norm()
     assert error <= 1e-8
 
 

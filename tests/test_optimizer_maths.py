@@ -5,20 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import CASES, cross_entropy
+from cases import flat_state, tiny_problem
 from torch import nn
 
 from benchmarks.oracles import dense_problem, flat_params
 from curveball import CurveBall
-
-
-def tiny_problem(seed: int = 0, kind: str = "mlp"):
-    model, x, t = CASES[kind].make(seed, batch=10)
-    return model, x, cross_entropy(t)
-
-
-def flat_z(opt: CurveBall, model: nn.Module) -> torch.Tensor:
-    return torch.cat([opt.state[p]["z"].reshape(-1) for p in model.parameters()])
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
@@ -37,7 +28,7 @@ def test_frozen_parameters_drive_z_to_the_damped_newton_step(mode, weight_decay,
     # weight decay κ adds κ w to the gradient and κ to the damping
     system = dense["G"] + (lambd + weight_decay) * torch.eye(n, dtype=torch.float64)
     newton = -torch.linalg.solve(system, dense["g"] + weight_decay * dense["w"])
-    z = flat_z(opt, model)
+    z = flat_state(opt, model)
     assert (z - newton).norm() / newton.norm() <= 1e-6
 
 
@@ -48,7 +39,7 @@ def test_step_sizes_minimise_the_model_over_the_plane(kind):
     for _ in range(3):  # a nonzero z
         opt.step(lambda: model(x), loss_fn)
     dense = dense_problem(model, x, loss_fn)
-    z = flat_z(opt, model)
+    z = flat_state(opt, model)
     system = dense["G"] + 0.7 * torch.eye(z.numel(), dtype=torch.float64)
     dz = system @ z + dense["g"]
     opt.step(lambda: model(x), loss_fn)
@@ -71,7 +62,7 @@ def test_step_sizes_minimise_the_model_over_the_plane(kind):
             shifted = torch.tensor([rho + d0 * abs(rho), -beta + d1 * abs(beta)])
             assert model_value(shifted.double()) >= best - 1e-14
     assert opt.last.predicted_change == pytest.approx(best.item(), rel=1e-8)
-    torch.testing.assert_close(flat_z(opt, model), rho * z - beta * dz, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(flat_state(opt, model), rho * z - beta * dz, rtol=1e-9, atol=1e-12)
 
 
 def test_first_step_with_zero_z_is_finite_and_along_the_gradient():
@@ -134,12 +125,12 @@ def test_fixed_momentum_and_beta_are_used_as_given():
         model, momentum=0.9, beta=0.01, lambd=1.0, auto_lambda=False, precondition=False
     )
     opt.step(lambda: model(x), loss_fn)
-    z1 = flat_z(opt, model).clone()
+    z1 = flat_state(opt, model).clone()
     dense = dense_problem(model, x, loss_fn)
     opt.step(lambda: model(x), loss_fn)
     system = dense["G"] + torch.eye(z1.numel(), dtype=torch.float64)
     dz = system @ z1 + dense["g"]
-    torch.testing.assert_close(flat_z(opt, model), 0.9 * z1 - 0.01 * dz, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(flat_state(opt, model), 0.9 * z1 - 0.01 * dz, rtol=1e-9, atol=1e-12)
     assert (opt.last.rho, opt.last.beta) == (0.9, 0.01)
 
 

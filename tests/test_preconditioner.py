@@ -8,21 +8,12 @@ import copy
 
 import pytest
 import torch
-from cases import CASES, cross_entropy
+from cases import cross_entropy, flat_state, tiny_problem
 from torch import nn
 
 from benchmarks.oracles import dense_problem
 from curveball import PAPER_DEFAULTS, CurveBall
 from curveball._preconditioner import precondition_, square_average_like
-
-
-def tiny_problem(seed: int = 0, kind: str = "mlp"):
-    model, x, t = CASES[kind].make(seed, batch=10)
-    return model, x, cross_entropy(t)
-
-
-def flat(opt: CurveBall, model: nn.Module, key: str) -> torch.Tensor:
-    return torch.cat([opt.state[p][key].reshape(-1) for p in model.parameters()])
 
 
 def test_direction_and_average_follow_the_formula():
@@ -61,7 +52,7 @@ def test_frozen_parameters_drive_z_to_the_damped_newton_step(kind):
     dense = dense_problem(model, x, loss_fn)
     n = dense["w"].numel()
     newton = -torch.linalg.solve(dense["G"] + lambd * torch.eye(n, dtype=torch.float64), dense["g"])
-    z = flat(opt, model, "z")
+    z = flat_state(opt, model, "z")
     assert (z - newton).norm() / newton.norm() <= 1e-6
 
 
@@ -71,7 +62,7 @@ def test_the_step_minimises_the_model_over_z_and_the_preconditioned_direction():
     for _ in range(3):
         opt.step(lambda: model(x), loss_fn)
     dense = dense_problem(model, x, loss_fn)
-    z, v = flat(opt, model, "z"), flat(opt, model, "dz_square_average")
+    z, v = flat_state(opt, model, "z"), flat_state(opt, model, "dz_square_average")
     system = dense["G"] + 0.2 * torch.eye(z.numel(), dtype=torch.float64)
     dz = system @ z + dense["g"]
     new_v = 0.999 * v + 0.001 * dz * dz
@@ -81,18 +72,20 @@ def test_the_step_minimises_the_model_over_z_and_the_preconditioned_direction():
     c_star = torch.linalg.lstsq(basis.T @ system @ basis, -basis.T @ dense["g"]).solution
     got = torch.tensor([opt.last.rho, -opt.last.beta], dtype=torch.float64)
     torch.testing.assert_close(got, c_star, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(flat(opt, model, "dz_square_average"), new_v, rtol=1e-9, atol=0)
-    torch.testing.assert_close(flat(opt, model, "z"), basis @ c_star, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(
+        flat_state(opt, model, "dz_square_average"), new_v, rtol=1e-9, atol=0
+    )
+    torch.testing.assert_close(flat_state(opt, model, "z"), basis @ c_star, rtol=1e-6, atol=1e-12)
 
 
 def test_a_skipped_step_leaves_the_average_unchanged():
     model, x, loss_fn = tiny_problem(2)
     opt = CurveBall(model, precondition=True)
     opt.step(lambda: model(x), loss_fn)
-    v = flat(opt, model, "dz_square_average").clone()
+    v = flat_state(opt, model, "dz_square_average").clone()
     with pytest.warns(RuntimeWarning, match="skipped"):
         opt.step(lambda: model(x) * float("nan"), loss_fn)
-    assert opt.last.skipped and torch.equal(flat(opt, model, "dz_square_average"), v)
+    assert opt.last.skipped and torch.equal(flat_state(opt, model, "dz_square_average"), v)
 
 
 def test_checkpoints_carry_the_average_and_resume_identically():

@@ -380,46 +380,40 @@ class CurveBall(torch.optim.Optimizer):
                 engines=EngineChoice(params, tensors, mode, self._fell_back),
             )
         if layout.zs is None:
-            layout.zs = [self._z_for(p) for p in params]
+            # z must be laid out like its parameter: it is the tangent of forward mode
+            layout.zs = [
+                self._state_tensor(p, "z", torch.zeros_like(p, memory_format=torch.preserve_format))
+                for p in params
+            ]
         if layout.averages is None and self.param_groups[0]["precondition"]:
-            layout.averages = [self._average_for(p) for p in params]
+            layout.averages = [
+                self._state_tensor(p, "dz_square_average", square_average_like(p)) for p in params
+            ]
         return layout
 
     def _fell_back(self, message: str) -> None:
         self._warn_once("fallback", message)
 
-    def _z_for(self, p: torch.Tensor) -> torch.Tensor:
-        """The z of ``p``, created at zero or re-laid out like ``p`` (a tangent must be)."""
+    def _state_tensor(self, p: torch.Tensor, key: str, fresh: torch.Tensor) -> torch.Tensor:
+        """``self.state[p][key]``: ``fresh`` (zeros) if absent, else the saved values in
+        ``fresh``'s layout, dtype and device when they differ."""
         state = self.state[p]
-        z = state.get("z")
-        if z is None:
-            z = torch.zeros_like(p, memory_format=torch.preserve_format)
-        elif not isinstance(z, torch.Tensor) or z.shape != p.shape:
-            got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        saved = state.get(key)
+        if saved is None:
+            saved = fresh
+        elif not isinstance(saved, torch.Tensor) or saved.shape != p.shape:
+            got = tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
             raise ValueError(
-                f"state_dict: z of a parameter of shape {tuple(p.shape)} has shape {got}"
+                f"state_dict: {key} of a parameter of shape {tuple(p.shape)} has shape {got}"
             )
-        elif z.stride() != p.stride() or z.dtype != p.dtype or z.device != p.device:
-            z = torch.empty_like(p, memory_format=torch.preserve_format).copy_(z)
-        state["z"] = z
-        return z
-
-    def _average_for(self, p: torch.Tensor) -> torch.Tensor:
-        """The preconditioner's moving average of ``Δz²`` for ``p``, created at zero."""
-        state = self.state[p]
-        fresh = square_average_like(p)
-        average = state.get("dz_square_average")
-        if average is None:
-            average = fresh
-        elif not isinstance(average, torch.Tensor) or average.shape != p.shape:
-            raise ValueError(
-                f"state_dict: dz_square_average of a parameter of shape {tuple(p.shape)} does "
-                "not match it"
-            )
-        elif average.dtype != fresh.dtype or average.device != fresh.device:
-            average = fresh.copy_(average)
-        state["dz_square_average"] = average
-        return average
+        elif (saved.stride(), saved.dtype, saved.device) != (
+            fresh.stride(),
+            fresh.dtype,
+            fresh.device,
+        ):
+            saved = fresh.copy_(saved)
+        state[key] = saved
+        return saved
 
     # ------------------------------------------------------------------ step
     def step(  # type: ignore[override]
