@@ -32,9 +32,11 @@ does it more cheaply, with identical results:
   ``__torch_function__`` override.)
 * Weight normalisation (``torch._weight_norm``, whose fused kernel has no
   forward-mode formula) is computed as ``g · v / ‖v‖`` from differentiable parts.
-* Recurrent layers (``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh``,
-  ``torch.rnn_relu``) run with oneDNN disabled: its float32 CPU kernel has no
-  forward-mode formula, PyTorch's native one has.
+* LSTM layers (``torch.lstm``) keep the fused kernel for the primal values and
+  get the tangent of :mod:`~curveball._curvature.recurrent_rule`. The other
+  recurrent layers (``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu``), and
+  the LSTM calls that rule leaves alone, run with oneDNN disabled: its float32
+  CPU kernel has no forward-mode formula, PyTorch's native one has.
 * Inside a ``torch.no_grad()`` block of the model, every operation runs on
   the primal values alone: forward-mode AD ignores ``no_grad`` by itself, but
   the reverse-mode gradient (and so ``Δz``) treats such a block as constant,
@@ -71,6 +73,7 @@ from curveball._curvature.attention_rule import (
     attention_primal,
     attention_tangent,
 )
+from curveball._curvature.recurrent_rule import LayerRecord, LstmCall, lstm_primal, lstm_tangent
 
 _BILINEAR = frozenset({F.linear, F.conv1d, F.conv2d, F.conv3d})
 _WITH_INDICES = (F.max_pool1d_with_indices, F.max_pool2d_with_indices, F.max_pool3d_with_indices)
@@ -233,8 +236,10 @@ class LeanTangents(TorchFunctionMode):
             dim = rest[0] if rest else 0
             return v * (g / torch.norm_except_dim(v, 2, dim))
         elif func in _RECURRENT:
-            with _onednn_disabled():
-                return func(*args, **kwargs)
+            out = self._lstm(args, kwargs) if func is torch.lstm else None
+            if out is None:
+                with _onednn_disabled():
+                    return func(*args, **kwargs)
         else:
             out = None
         return func(*args, **kwargs) if out is None else out
@@ -363,6 +368,30 @@ class LeanTangents(TorchFunctionMode):
         out, p, keep = self._primal(key, lambda: attention_primal(call, qp, kp, vp, mp))
         tangent = attention_tangent(call, (qp, kp, vp), (qt, kt, vt), mt, p, keep)
         return fwAD.make_dual(out, tangent, level=self.level)
+
+    def _lstm(self, args: tuple, kwargs: dict):
+        bound = LstmCall.bind(args, kwargs)
+        if bound is None:
+            return None
+        call, x, hx, params = bound
+        if not all(_plain(t) for t in (x, *hx, *params)):
+            return None
+        xp, xt = self._unpack(x)
+        (h0, h0t), (c0, c0t) = self._unpack(hx[0]), self._unpack(hx[1])
+        unpacked = [self._unpack(w) for w in params]
+        weights, weight_dots = [w for w, _ in unpacked], [t for _, t in unpacked]
+        if xt is None and h0t is None and c0t is None and all(t is None for t in weight_dots):
+            return None  # no tangent here: the fused kernel is fine
+        key = ("lstm", tuple(xp.shape), xp.dtype, tuple(h0.shape), call,
+               tuple(_storage_key(w) for w in weights))  # fmt: skip
+        out, h_n, c_n, *flat = self._primal(key, lambda: lstm_primal(call, xp, [h0, c0], weights))
+        tangents = lstm_tangent(
+            call, LayerRecord.unflatten(tuple(flat)), xt, [h0t, c0t], weights, weight_dots
+        )
+        return tuple(
+            fwAD.make_dual(p, torch.empty_like(p).copy_(t), level=self.level)
+            for p, t in zip((out, h_n, c_n), tangents, strict=True)
+        )
 
     def _multi_head_attention(self, func, args: tuple, kwargs: dict):
         if len(args) > _NEED_WEIGHTS:
