@@ -1,7 +1,7 @@
 """Lean forward-mode rules for the layers that dominate a forward pass.
 
 A CurveBall iteration runs two forward-mode passes. PyTorch's built-in
-forward-mode formulas are general; for three kinds of layers they do work that
+forward-mode formulas are general; for the layers below they do work that
 this use makes unnecessary, and :class:`LeanTangents` (a
 :class:`~torch.overrides.TorchFunctionMode` active only during those passes)
 does it more cheaply, with identical results:
@@ -15,12 +15,15 @@ does it more cheaply, with identical results:
   (CurveBall never differentiates a tangent).
 * Max pooling has the tangent ``ẋ`` gathered at the arg-max positions.
 * Average pooling is linear: the tangent is the pooled ``ẋ``.
-* Batch normalisation (``F.batch_norm``) with batch statistics ``μ``, ``s = 1/σ``
-  and ``x̂ = (x − μ) s`` over every dimension but the channels has the tangent
-  ``ẏ = γ s (ẋ − mean(ẋ) − x̂ mean(ẋ x̂)) + γ̇ x̂ + β̇`` (with running statistics,
-  ``γ s ẋ + γ̇ x̂ + β̇``). The primal, ``μ`` and ``s`` come from one call of the fused
-  kernel (which also updates the running statistics as usual), instead of the
-  built-in formula's recomputation of the statistics.
+* Normalisation layers (``F.batch_norm``, ``F.layer_norm``, ``F.rms_norm``,
+  ``F.group_norm``) whiten their input with statistics ``μ``, ``s = 1/σ`` over
+  some dimensions: with ``x̂ = (x − μ) s`` the tangent is
+  ``ẏ = γ s (ẋ − mean(ẋ) − x̂ mean(ẋ x̂)) + γ̇ x̂ + β̇`` (RMS norm without
+  ``mean(ẋ)``; batch norm with running statistics without both means). The
+  primal and its statistics come from one call of the fused kernel (which also
+  updates batch norm's running statistics as usual; RMS norm computes its one
+  statistic apart), instead of the built-in formula's recomputation of them
+  (:mod:`~curveball._curvature.normalization_rule`).
 * Scaled dot-product attention (``F.scaled_dot_product_attention``), whose
   fused kernels have no forward-mode formula, gets the closed-form tangent of
   :mod:`~curveball._curvature.attention_rule`. ``nn.MultiheadAttention`` runs
@@ -47,8 +50,8 @@ parameters, on the same batch and with the same random draws as the first, so
 every layer's primal output equals the one the first pass computed. The first
 pass records the primal outputs of the layers above (and the arg-max positions
 of max pooling); the second pass reuses them and computes only tangents: no
-primal product of a linear or convolution layer, no max-pooling search and no
-attention weights. A
+primal product of a linear or convolution layer, no max-pooling search, no
+normalisation statistics, no attention weights and no LSTM gates. A
 record is only reused when the call matches it (same function, shapes, options,
 weight and bias storage and version) and it was not modified in place since;
 from the first mismatch on, layers are computed as usual. Replay therefore
@@ -73,6 +76,7 @@ from curveball._curvature.attention_rule import (
     attention_primal,
     attention_tangent,
 )
+from curveball._curvature.normalization_rule import NORMS, batch_norm_tangent
 from curveball._curvature.recurrent_rule import LayerRecord, LstmCall, lstm_primal, lstm_tangent
 
 _BILINEAR = frozenset({F.linear, F.conv1d, F.conv2d, F.conv3d})
@@ -109,29 +113,6 @@ def _onednn_disabled() -> Iterator[None]:
         yield
     finally:
         torch._C._set_mkldnn_enabled(enabled)
-
-
-def _batch_norm_tangent(xt, wt, bt, centred, inv, weight, training: bool) -> torch.Tensor:
-    """``ẏ = A ẋ + B x̂ + C`` with per-channel ``A = γ s``, ``B = γ̇ − A mean(ẋ x̂)`` and
-    ``C = β̇ − A mean(ẋ)`` (the means only with batch statistics), formed from the
-    centred input ``x − μ`` in four passes over the activations."""
-    shape = inv.shape
-    a = inv if weight is None else inv * weight
-    b = c = None
-    if xt is not None and training:
-        dims = [0, *range(2, xt.dim())]
-        c = -a * xt.mean(dims, keepdim=True)
-        b = -a * inv * (xt * centred).mean(dims, keepdim=True)
-    if wt is not None:
-        b = wt.view(shape) if b is None else b + wt.view(shape)
-    if bt is not None:
-        c = bt.view(shape) if c is None else c + bt.view(shape)
-    tangent = torch.zeros_like(centred) if c is None else c.expand_as(centred).clone()
-    if b is not None:
-        tangent.addcmul_(b * inv, centred)
-    if xt is not None:
-        tangent.addcmul_(a, xt)
-    return tangent
 
 
 @dataclass
@@ -227,6 +208,8 @@ class LeanTangents(TorchFunctionMode):
             out = self._linear_pool(func, args, kwargs)
         elif func is F.batch_norm:
             out = self._batch_norm(args, kwargs)
+        elif func in NORMS:
+            out = self._norm(func, args, kwargs)
         elif func is F.scaled_dot_product_attention:
             out = self._attention(args, kwargs)
         elif func is F.multi_head_attention_forward:
@@ -340,9 +323,29 @@ class LeanTangents(TorchFunctionMode):
 
         out, inv, centred = self._primal(key, primal)
         with torch.no_grad():
-            tangent = _batch_norm_tangent(
+            tangent = batch_norm_tangent(
                 xt, wt, bt, centred, inv, None if wp is None else wp.view(shape), training
             )
+        return fwAD.make_dual(out, tangent, level=self.level)
+
+    def _norm(self, func, args: tuple, kwargs: dict):
+        """Layer, RMS and group normalisation (:mod:`~curveball._curvature.normalization_rule`)."""
+        rule = NORMS[func]
+        call = rule.bind(args, kwargs)
+        if call is None:
+            return None
+        x, w, b = call["input"], call.get("weight"), call.get("bias")
+        if not all(t is None or _plain(t) for t in (x, w, b)):
+            return None
+        (xp, xt), (wp, wt), (bp, bt) = (self._unpack(t) for t in (x, w, b))
+        if (xt is None and wt is None and bt is None) or xp.dim() < 2 or xp.numel() == 0:
+            return None
+        option, eps = call[rule.names[1]], call.get("eps", rule.default_eps)
+        key = (func, tuple(xp.shape), xp.dtype, _storage_key(wp), _storage_key(bp),
+               repr(option), eps)  # fmt: skip
+        out, normalized, inv = self._primal(key, lambda: rule.primal(xp, option, wp, bp, eps))
+        with torch.no_grad():
+            tangent = rule.tangent(xt, wt, bt, normalized, inv, wp, option, xp.shape)
         return fwAD.make_dual(out, tangent, level=self.level)
 
     def _attention(self, args: tuple, kwargs: dict):
