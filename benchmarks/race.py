@@ -56,7 +56,7 @@ from benchmarks import common
 from curveball import PAPER_DEFAULTS, CurveBall, losses
 
 LR_GRIDS = {
-    "curveball-tuned": (0.3, 0.1, 0.03),  # the initial damping λ, not a learning rate
+    "curveball-tuned": (0.3, 0.1, 0.03, 0.01),  # the initial damping λ, not a learning rate
     "sgd": (0.01, 0.03, 0.1, 0.3),
     "adam": (3e-4, 1e-3, 3e-3, 1e-2),
     "adamw": (3e-4, 1e-3, 3e-3, 1e-2),
