@@ -1,7 +1,7 @@
-"""The LSTM tangent rule against PyTorch's own forward-mode formula (native kernel).
+"""The LSTM and GRU tangent rules against PyTorch's own forward-mode formulas (native kernels).
 
-The rule must give the built-in primal and the built-in tangents of the output
-and of the final hidden and cell states, for every supported call (layers,
+The rules must give the built-in primals and the built-in tangents of the output
+and of the final states, for every supported call (kind, layers,
 ``batch_first``, biases, an initial state with or without tangents, an input
 with or without a tangent); replay must reuse the records and give the same
 tangents; the recording pass must back-propagate like a plain one; and the calls
@@ -25,26 +25,32 @@ def randn(*shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
 
-def lstm_params(layers: int, bias: bool, bidirectional: bool = False, proj: int = 0) -> list:
+def layer_params(
+    gates: int, layers: int, bias: bool, bidirectional: bool = False, proj: int = 0
+) -> list:
     out = []
     dirs = 2 if bidirectional else 1
     for layer in range(layers):
         width = IN if layer == 0 else (proj or HIDDEN) * dirs
         for _ in range(dirs):
-            out += [randn(4 * HIDDEN, width), randn(4 * HIDDEN, proj or HIDDEN)]
+            out += [randn(gates * HIDDEN, width), randn(gates * HIDDEN, proj or HIDDEN)]
             if bias:
-                out += [randn(4 * HIDDEN), randn(4 * HIDDEN)]
+                out += [randn(gates * HIDDEN), randn(gates * HIDDEN)]
             if proj:
                 out.append(randn(proj, HIDDEN))
     return out
 
 
-def call_lstm(options: dict):
+def call_layer(options: dict):
+    """``fn(x, h0, c0, *params)``: the kernel's outputs (a GRU ignores ``c0``)."""
     layers, bias = options["layers"], options["bias"]
     dropout, train = options.get("dropout", 0.0), options.get("train", True)
     bidirectional, batch_first = options.get("bidirectional", False), options["batch_first"]
 
     def fn(x, h0, c0, *params):
+        if options["kind"] == "gru":
+            return torch.gru(x, h0, list(params), bias, layers, dropout, train, bidirectional,
+                             batch_first)  # fmt: skip
         return torch.lstm(x, (h0, c0), list(params), bias, layers, dropout, train,
                           bidirectional, batch_first)  # fmt: skip
 
@@ -57,13 +63,14 @@ def inputs(options: dict) -> list[torch.Tensor]:
     shape = (BATCH, STEPS, IN) if options["batch_first"] else (STEPS, BATCH, IN)
     state = (layers * dirs, BATCH, options.get("proj", 0) or HIDDEN)
     cell = (layers * dirs, BATCH, HIDDEN)
-    params = lstm_params(layers, options["bias"], options.get("bidirectional", False),
-                         options.get("proj", 0))  # fmt: skip
+    gates = 4 if options["kind"] == "lstm" else 3
+    params = layer_params(gates, layers, options["bias"], options.get("bidirectional", False),
+                          options.get("proj", 0))  # fmt: skip
     return [randn(*shape), 0.5 * randn(*state), 0.5 * randn(*cell), *params]
 
 
 def run(fn, primals, tangents, rules: LeanTangents | None = None):
-    """``fn`` on dual inputs; returns the primals and tangents of its three outputs."""
+    """``fn`` on dual inputs; returns the primals and tangents of its outputs."""
     with fwAD.dual_level() as level:
         args = [
             p if t is None else fwAD.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)
@@ -103,16 +110,20 @@ def tangents_for(primals, which: str):
     return [randn(*p.shape) if TANGENTS[which](i) else None for i, p in enumerate(primals)]
 
 
+KINDS = ("lstm", "gru")
+
+
 @pytest.mark.parametrize("which", sorted(TANGENTS))
 @pytest.mark.parametrize("name", sorted(SUPPORTED))
-def test_lstm_rule_equals_builtin(name, which):
-    options = SUPPORTED[name]
-    fn, primals = call_lstm(options), inputs(options)
+@pytest.mark.parametrize("kind", KINDS)
+def test_rule_equals_builtin(kind, name, which):
+    options = SUPPORTED[name] | {"kind": kind}
+    fn, primals = call_layer(options), inputs(options)
     tangents = tangents_for(primals, which)
     expected = run(fn, primals, tangents)
     rules = LeanTangents(0, record=True)
     got = run(fn, primals, tangents, rules)
-    assert [r.key[0] for r in rules.records] == ["lstm"]  # the rule ran
+    assert [r.key[0] for r in rules.records] == ["recurrent"]  # the rule ran
     for g, e in zip(got[0], expected[0], strict=True):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
     for g, e in zip(got[1], expected[1], strict=True):
@@ -120,16 +131,18 @@ def test_lstm_rule_equals_builtin(name, which):
 
 
 UNSUPPORTED = {
-    "bidirectional": {"layers": 1, "bias": True, "batch_first": True, "bidirectional": True},
-    "projections": {"layers": 1, "bias": True, "batch_first": False, "proj": 2},
-    "dropout-in-training": {"layers": 2, "bias": True, "batch_first": True, "dropout": 0.5},
+    "lstm-bidirectional": {"layers": 1, "bias": True, "batch_first": True, "bidirectional": True},
+    "lstm-projections": {"layers": 1, "bias": True, "batch_first": False, "proj": 2},
+    "lstm-dropout-in-training": {"layers": 2, "bias": True, "batch_first": True, "dropout": 0.5},
+    "gru-bidirectional": {"layers": 2, "bias": False, "batch_first": False, "bidirectional": True},
+    "gru-dropout-in-training": {"layers": 2, "bias": True, "batch_first": True, "dropout": 0.5},
 }
 
 
 @pytest.mark.parametrize("name", sorted(UNSUPPORTED))
 def test_calls_the_rule_leaves_alone_keep_the_builtin_results(name):
-    options = UNSUPPORTED[name]
-    fn, primals = call_lstm(options), inputs(options)
+    options = UNSUPPORTED[name] | {"kind": name.split("-")[0]}
+    fn, primals = call_layer(options), inputs(options)
     tangents = tangents_for(primals, "everything")
     rules = LeanTangents(0, record=True)
     torch.manual_seed(3)
@@ -141,9 +154,10 @@ def test_calls_the_rule_leaves_alone_keep_the_builtin_results(name):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
-def test_replay_reuses_the_lstm_record_and_gives_the_builtin_tangents():
-    options = SUPPORTED["two-layers-time-major-no-bias"]
-    fn, primals = call_lstm(options), inputs(options)
+@pytest.mark.parametrize("kind", KINDS)
+def test_replay_reuses_the_record_and_gives_the_builtin_tangents(kind):
+    options = SUPPORTED["two-layers-time-major-no-bias"] | {"kind": kind}
+    fn, primals = call_layer(options), inputs(options)
     recorder = LeanTangents(0, record=True)
     first = run(fn, primals, tangents_for(primals, "everything"), recorder)
     replayer = LeanTangents(0, replay=recorder.records)
@@ -160,15 +174,16 @@ def test_replay_reuses_the_lstm_record_and_gives_the_builtin_tangents():
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
 
 
-def test_recording_pass_back_propagates_like_a_plain_lstm():
-    options = SUPPORTED["one-layer-batch-first"]
-    fn, primals = call_lstm(options), inputs(options)
+@pytest.mark.parametrize("kind", KINDS)
+def test_recording_pass_back_propagates_like_a_plain_layer(kind):
+    options = SUPPORTED["one-layer-batch-first"] | {"kind": kind}
+    fn, primals = call_layer(options), inputs(options)
     leaves = [p.clone().requires_grad_(True) for p in primals[3:]]
     tangents = [randn(*p.shape) for p in leaves]
-    cotangents = [randn(BATCH, STEPS, HIDDEN), randn(1, BATCH, HIDDEN), randn(1, BATCH, HIDDEN)]
     with fwAD.dual_level() as level, LeanTangents(level, record=True):
         duals = [fwAD.make_dual(p, t) for p, t in zip(leaves, tangents, strict=True)]
         outs = [fwAD.unpack_dual(o).primal for o in fn(*primals[:3], *duals)]
+    cotangents = [randn(*o.shape) for o in outs]
     grads = torch.autograd.grad(outs, leaves, cotangents)
     plain = [p.clone().requires_grad_(True) for p in primals[3:]]
     expected = torch.autograd.grad(fn(*primals[:3], *plain), plain, cotangents)
@@ -177,24 +192,26 @@ def test_recording_pass_back_propagates_like_a_plain_lstm():
 
 
 class TinyLM(torch.nn.Module):
-    def __init__(self, layers: int) -> None:
+    def __init__(self, layers: int, kind: str = "lstm") -> None:
         super().__init__()
         self.embedding = torch.nn.Embedding(7, 3)
-        self.lstm = torch.nn.LSTM(3, 4, num_layers=layers, batch_first=True)
+        layer = torch.nn.LSTM if kind == "lstm" else torch.nn.GRU
+        self.recurrent = layer(3, 4, num_layers=layers, batch_first=True)
         self.head = torch.nn.Linear(4, 7)
 
     def forward(self, tokens):
-        return self.head(self.lstm(self.embedding(tokens))[0]).flatten(0, 1)
+        return self.head(self.recurrent(self.embedding(tokens))[0]).flatten(0, 1)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("layers", [1, 2])
-def test_curveball_steps_through_the_rule_equal_the_double_backward_steps(layers):
+def test_curveball_steps_through_the_rule_equal_the_double_backward_steps(layers, kind):
     from curveball import CurveBall
 
     tokens = torch.randint(0, 7, (3, 6), generator=gen)
     targets = torch.randint(0, 7, (18,), generator=gen)
     torch.manual_seed(0)
-    models = [TinyLM(layers).double() for _ in range(2)]
+    models = [TinyLM(layers, kind).double() for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     opts = [CurveBall(models[0], forward_mode="forward"),
             CurveBall(models[1], forward_mode="double-backward")]  # fmt: skip
@@ -208,21 +225,24 @@ def test_curveball_steps_through_the_rule_equal_the_double_backward_steps(layers
         torch.testing.assert_close(a["z"], b["z"], rtol=1e-9, atol=1e-11)
 
 
-def test_a_float32_step_runs_the_fused_kernel_once_forward_and_once_backward():
-    """Pass 1 runs the fused primal kernel (its graph carries the backward pass); pass 2
-    replays it: one forward and one backward call of oneDNN's LSTM layer per step."""
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_float32_step_runs_the_primal_kernel_once(kind):
+    """Pass 1 runs the layer's own kernel on the primal values (its graph carries the
+    backward pass); pass 2 replays it. For the LSTM that kernel is oneDNN's fused layer:
+    one forward and one backward call per step. (Without the rule, both passes run the
+    native kernel on dual numbers.)"""
     from torch.profiler import profile
 
     from curveball import CurveBall
 
-    if not torch.backends.mkldnn.is_available():
-        pytest.skip("this PyTorch build has no oneDNN")
     torch.manual_seed(0)
-    model = TinyLM(1)
+    model = TinyLM(1, kind)
     tokens, targets = torch.randint(0, 7, (3, 6)), torch.randint(0, 7, (18,))
     opt = CurveBall(model, lambda_interval=100)
     with profile() as prof:
         opt.step(lambda: model(tokens), lambda y: F.cross_entropy(y, targets))
     counts = {e.key: e.count for e in prof.key_averages()}
-    assert counts.get("aten::mkldnn_rnn_layer") == 1
-    assert counts.get("aten::mkldnn_rnn_layer_backward") == 1
+    assert counts.get(f"aten::{kind}") == 1
+    if kind == "lstm" and torch.backends.mkldnn.is_available():
+        assert counts.get("aten::mkldnn_rnn_layer") == 1
+        assert counts.get("aten::mkldnn_rnn_layer_backward") == 1

@@ -35,11 +35,12 @@ does it more cheaply, with identical results:
   ``__torch_function__`` override.)
 * Weight normalisation (``torch._weight_norm``, whose fused kernel has no
   forward-mode formula) is computed as ``g · v / ‖v‖`` from differentiable parts.
-* LSTM layers (``torch.lstm``) keep the fused kernel for the primal values and
-  get the tangent of :mod:`~curveball._curvature.recurrent_rule`. The other
-  recurrent layers (``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu``), and
-  the LSTM calls that rule leaves alone, run with oneDNN disabled: its float32
-  CPU kernel has no forward-mode formula, PyTorch's native one has.
+* LSTM and GRU layers (``torch.lstm``, ``torch.gru``) keep the fused kernel for
+  the primal values and get the tangents of
+  :mod:`~curveball._curvature.recurrent_rule`. Plain RNN layers
+  (``torch.rnn_tanh``, ``torch.rnn_relu``), and the calls that rule leaves
+  alone, run with oneDNN disabled: its float32 CPU kernel has no forward-mode
+  formula, PyTorch's native one has.
 * Inside a ``torch.no_grad()`` block of the model, every operation runs on
   the primal values alone: forward-mode AD ignores ``no_grad`` by itself, but
   the reverse-mode gradient (and so ``Δz``) treats such a block as constant,
@@ -51,7 +52,7 @@ every layer's primal output equals the one the first pass computed. The first
 pass records the primal outputs of the layers above (and the arg-max positions
 of max pooling); the second pass reuses them and computes only tangents: no
 primal product of a linear or convolution layer, no max-pooling search, no
-normalisation statistics, no attention weights and no LSTM gates. A
+normalisation statistics, no attention weights and no recurrent gates. A
 record is only reused when the call matches it (same function, shapes, options,
 weight and bias storage and version) and it was not modified in place since;
 from the first mismatch on, layers are computed as usual. Replay therefore
@@ -77,7 +78,12 @@ from curveball._curvature.attention_rule import (
     attention_tangent,
 )
 from curveball._curvature.normalization_rule import NORMS, batch_norm_tangent
-from curveball._curvature.recurrent_rule import LayerRecord, LstmCall, lstm_primal, lstm_tangent
+from curveball._curvature.recurrent_rule import (
+    RecurrentCall,
+    recurrent_primal,
+    recurrent_tangent,
+    unflatten,
+)
 
 _BILINEAR = frozenset({F.linear, F.conv1d, F.conv2d, F.conv3d})
 _WITH_INDICES = (F.max_pool1d_with_indices, F.max_pool2d_with_indices, F.max_pool3d_with_indices)
@@ -219,7 +225,7 @@ class LeanTangents(TorchFunctionMode):
             dim = rest[0] if rest else 0
             return v * (g / torch.norm_except_dim(v, 2, dim))
         elif func in _RECURRENT:
-            out = self._lstm(args, kwargs) if func is torch.lstm else None
+            out = self._recurrent(func, args, kwargs)
             if out is None:
                 with _onednn_disabled():
                     return func(*args, **kwargs)
@@ -372,28 +378,30 @@ class LeanTangents(TorchFunctionMode):
         tangent = attention_tangent(call, (qp, kp, vp), (qt, kt, vt), mt, p, keep)
         return fwAD.make_dual(out, tangent, level=self.level)
 
-    def _lstm(self, args: tuple, kwargs: dict):
-        bound = LstmCall.bind(args, kwargs)
+    def _recurrent(self, func, args: tuple, kwargs: dict):
+        bound = RecurrentCall.bind(func, args, kwargs)
         if bound is None:
             return None
-        call, x, hx, params = bound
-        if not all(_plain(t) for t in (x, *hx, *params)):
+        call, x, states, params = bound
+        if not all(_plain(t) for t in (x, *states, *params)):
             return None
         xp, xt = self._unpack(x)
-        (h0, h0t), (c0, c0t) = self._unpack(hx[0]), self._unpack(hx[1])
-        unpacked = [self._unpack(w) for w in params]
-        weights, weight_dots = [w for w, _ in unpacked], [t for _, t in unpacked]
-        if xt is None and h0t is None and c0t is None and all(t is None for t in weight_dots):
+        state_pairs = [self._unpack(t) for t in states]
+        weight_pairs = [self._unpack(w) for w in params]
+        weights, weight_dots = [w for w, _ in weight_pairs], [t for _, t in weight_pairs]
+        state_primals, state_dots = [p for p, _ in state_pairs], [t for _, t in state_pairs]
+        if xt is None and all(t is None for t in (*state_dots, *weight_dots)):
             return None  # no tangent here: the fused kernel is fine
-        key = ("lstm", tuple(xp.shape), xp.dtype, tuple(h0.shape), call,
+        key = ("recurrent", tuple(xp.shape), xp.dtype, tuple(state_primals[0].shape), call,
                tuple(_storage_key(w) for w in weights))  # fmt: skip
-        out, h_n, c_n, *flat = self._primal(key, lambda: lstm_primal(call, xp, [h0, c0], weights))
-        tangents = lstm_tangent(
-            call, LayerRecord.unflatten(tuple(flat)), xt, [h0t, c0t], weights, weight_dots
+        primal = self._primal(key, lambda: recurrent_primal(call, xp, state_primals, weights))
+        outs, flat = primal[: 1 + len(states)], primal[1 + len(states) :]
+        tangents = recurrent_tangent(
+            call, unflatten(call, tuple(flat)), xt, state_dots, weights, weight_dots
         )
-        return tuple(
+        return tuple(  # (output, h_n, c_n) or (output, h_n), as the kernels return
             fwAD.make_dual(p, torch.empty_like(p).copy_(t), level=self.level)
-            for p, t in zip((out, h_n, c_n), tangents, strict=True)
+            for p, t in zip(outs, tangents, strict=True)
         )
 
     def _multi_head_attention(self, func, args: tuple, kwargs: dict):
