@@ -83,12 +83,12 @@ def resnet18(classes: int = 10) -> nn.Module:
 
 class CharLSTM(nn.Module):
     """A character-level LSTM language model: embedding 32, 128 hidden units, next-character
-    logits for every position (flattened into rows)."""
+    logits for every position (flattened into rows); ``recurrent=nn.GRU`` makes it a GRU."""
 
-    def __init__(self, vocab: int = 64) -> None:
+    def __init__(self, vocab: int = 64, recurrent: type[nn.Module] = nn.LSTM) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab, 32)
-        self.lstm = nn.LSTM(32, 128, batch_first=True)
+        self.lstm = recurrent(32, 128, batch_first=True)
         self.head = nn.Linear(128, vocab)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

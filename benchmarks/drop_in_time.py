@@ -8,10 +8,13 @@ contender per round, medians after warm-up):
   attention tangent; ``curveball-math-sdpa`` instead runs PyTorch's math backend of
   ``F.scaled_dot_product_attention`` under its own forward-mode formulas;
   ``adam`` is one Adam step.
-* ``lstm``: a character-level LSTM language model (embedding 32, 128 hidden, 64
-  characters, batch 16). ``curveball`` runs the recurrent layer in forward mode
-  (oneDNN off during the passes); ``curveball-double-backward`` is the fallback
-  that oneDNN's float32 kernel used to force; ``adam`` is one Adam step.
+* ``lstm`` and ``gru``: a character-level language model (embedding 32, an LSTM
+  or GRU of 128 hidden units, 64 characters, batch 16). ``curveball`` uses the
+  recurrent layers' rule (the layer's own kernel for the primal values, a lean
+  tangent recurrence, replay); ``curveball-native`` instead runs the native
+  kernel on dual numbers under PyTorch's own forward-mode formulas (oneDNN off
+  during the passes); ``curveball-double-backward`` is the fallback path;
+  ``adam`` is one Adam step.
 
 Example::
 
@@ -56,7 +59,7 @@ def workload(name: str, device: torch.device):
         x = torch.randn(16, 64, 64, device=device)
         t = torch.randint(0, 10, (16 * 64,), device=device)
     else:
-        model = CharLSTM().to(device)
+        model = CharLSTM(recurrent=nn.GRU if name == "gru" else nn.LSTM).to(device)
         x = torch.randint(0, 64, (16, 64), device=device)
         t = torch.randint(0, 64, (16 * 64,), device=device)
     return model, x, t
@@ -79,6 +82,17 @@ def _without_attention_rule():
     return Scope()
 
 
+class _WithoutRecurrentRule:
+    """The lean rules with the recurrent layers' rule off (native kernels on dual numbers)."""
+
+    def __enter__(self):
+        self.original = lean_rules.LeanTangents._recurrent
+        lean_rules.LeanTangents._recurrent = lambda self, func, args, kwargs: None
+
+    def __exit__(self, *exc):
+        lean_rules.LeanTangents._recurrent = self.original
+
+
 def contender(method: str, model: nn.Module, x, t) -> Contender:
     model = copy.deepcopy(model)
     if method == "adam":
@@ -92,9 +106,11 @@ def contender(method: str, model: nn.Module, x, t) -> Contender:
         return Contender(method, adam_step)
     mode = "double-backward" if method == "curveball-double-backward" else "forward"
     opt = CurveBall(model, forward_mode=mode)
-    scope: Callable[[], object] = (
-        _without_attention_rule if method.endswith("math-sdpa") else (nullcontext)
-    )
+    scope: Callable[[], object] = nullcontext
+    if method.endswith("math-sdpa"):
+        scope = _without_attention_rule
+    elif method.endswith("native"):
+        scope = _WithoutRecurrentRule
 
     def curveball_step() -> None:
         with scope():
@@ -105,7 +121,8 @@ def contender(method: str, model: nn.Module, x, t) -> Contender:
 
 METHODS = {
     "transformer": ("curveball", "curveball-math-sdpa", "adam"),
-    "lstm": ("curveball", "curveball-double-backward", "adam"),
+    "lstm": ("curveball", "curveball-native", "curveball-double-backward", "adam"),
+    "gru": ("curveball", "curveball-native", "curveball-double-backward", "adam"),
 }
 
 
