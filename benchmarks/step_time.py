@@ -17,6 +17,9 @@ Contenders
     ``torch.optim.Adam(lr=1e-3)``, same loop.
 ``curveball``
     ``CurveBall(model)`` at its defaults (forward-mode AD chosen automatically).
+``curveball-paper``
+    ``CurveBall(model, **PAPER_DEFAULTS)``, the authors' settings: the same passes without
+    the preconditioner's element-wise work.
 ``curveball-double-backward``
     ``CurveBall(model, forward_mode="double-backward")``: the fallback way of computing
     Jacobian-vector products (a backward pass of a backward pass), forced.
@@ -86,6 +89,7 @@ BASE_METHODS = (
     "sgd",
     "adam",
     "curveball",
+    "curveball-paper",
     "curveball-double-backward",
     "older-double-backward",
     "ideal",
@@ -289,6 +293,10 @@ def make_contender(
         return Contender(method, _first_order_step(model, opt, x, t))
     if method == "curveball":
         return Contender(method, _curveball_step(model, x, t))
+    if method == "curveball-paper":
+        from curveball import PAPER_DEFAULTS
+
+        return Contender(method, _curveball_step(model, x, t, **PAPER_DEFAULTS))
     if method == "curveball-double-backward":
         return Contender(method, _curveball_step(model, x, t, forward_mode="double-backward"))
     if method == "older-double-backward":
