@@ -13,6 +13,7 @@ METHODS = {
     "sgd",
     "adam",
     "curveball",
+    "curveball-paper",
     "curveball-double-backward",
     "older-double-backward",
     "ideal",
