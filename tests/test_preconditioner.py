@@ -13,7 +13,7 @@ from torch import nn
 
 from benchmarks.oracles import dense_problem
 from curveball import PAPER_DEFAULTS, CurveBall
-from curveball._preconditioner import precondition_, square_average_like
+from curveball._preconditioner import precondition_, square_average_like, workspace_like
 
 
 def test_direction_and_average_follow_the_formula():
@@ -27,6 +27,22 @@ def test_direction_and_average_follow_the_formula():
     torch.testing.assert_close(new_v, expected_v, rtol=1e-6, atol=0)
     torch.testing.assert_close(dz, expected_d, rtol=1e-6, atol=0)
     assert all(torch.equal(a, b) for a, b in zip(v, before, strict=True))  # v itself untouched
+
+
+def test_a_workspace_gives_the_same_results_in_its_own_buffers():
+    g = torch.Generator().manual_seed(1)
+    dz = [torch.randn(3, 4, generator=g).t(), torch.randn(5, generator=g)]  # one transposed
+    v = [torch.rand(3, 4, generator=g).t(), torch.rand(5, generator=g)]
+    workspace = workspace_like(v)
+    for _ in range(2):  # the buffers are reused
+        d_fresh, d_kept = [t.clone() for t in dz], [t.clone() for t in dz]
+        fresh = precondition_(d_fresh, v, 0.9, 1e-3)
+        kept = precondition_(d_kept, v, 0.9, 1e-3, workspace)
+        assert all(a is b for a, b in zip(kept, workspace[0], strict=True))
+        assert [t.stride() for t in kept] == [t.stride() for t in v]
+        torch.testing.assert_close(kept, fresh, rtol=0, atol=0)
+        torch.testing.assert_close(d_kept, d_fresh, rtol=0, atol=0)
+        v = [t.clone() for t in kept]
 
 
 def test_half_precision_keeps_the_average_in_float32():

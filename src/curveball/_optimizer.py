@@ -27,7 +27,7 @@ from curveball._curvature.module_tensors import ModuleTensors
 from curveball._distributed import Averager
 from curveball._loss_scale import MIN_SCALE, after_finite, after_overflow, float16_in_use
 from curveball._param_vectors import HALF_PRECISION, ParamLayout, dot
-from curveball._preconditioner import precondition_, square_average_like
+from curveball._preconditioner import Workspace, precondition_, square_average_like, workspace_like
 from curveball._quadratic_model import QuadraticModel, convexified
 from curveball._state import STATE_KEY, CurveBallState
 from curveball._step_info import StepInfo
@@ -79,6 +79,7 @@ class _Layout:
     engines: EngineChoice
     zs: list[torch.Tensor] | None = None
     averages: list[torch.Tensor] | None = None  # the preconditioner's v, if it is on
+    workspace: Workspace | None = None  # the preconditioner's buffers, if it is on
 
 
 @dataclass
@@ -389,6 +390,11 @@ class CurveBall(torch.optim.Optimizer):
             layout.averages = [
                 self._state_tensor(p, "dz_square_average", square_average_like(p)) for p in params
             ]
+            if all(p.device.type == "cpu" for p in params):
+                # on a CPU, passes over freshly allocated parameter-sized tensors cost several
+                # times more than over kept ones; CUDA's caching allocator makes them free, and
+                # there memory is the scarcer resource
+                layout.workspace = workspace_like(layout.averages)
         return layout
 
     def _fell_back(self, message: str) -> None:
@@ -540,7 +546,9 @@ class CurveBall(torch.optim.Optimizer):
         products = _Products(y, loss, dz, jz, h_jz)
         if plan.precondition is not None:  # from here on, "Δz" is the direction d = P Δz
             assert layout.averages is not None
-            products.averages = precondition_(dz, layout.averages, *plan.precondition)
+            products.averages = precondition_(
+                dz, layout.averages, *plan.precondition, layout.workspace
+            )
         if plan.refresh:
             with record_function(PHASES[3]):
                 products.jdz = engine.jvp(dz)
