@@ -138,7 +138,7 @@ def worker(rank: int, world: int, init_file: str, args, out_file: str) -> None:
 
     steps = {"curveball": curveball_step, "ddp-sgd": sgd_step}
     # communication: a whole number of trust-region cycles, after one warm-up step
-    cycle = curveball.lambda_interval
+    cycle = curveball.param_groups[0]["lambda_interval"]
     comm = {}
     for name, step in steps.items():
         step()
