@@ -35,9 +35,9 @@ does it more cheaply, with identical results:
   ``__torch_function__`` override.)
 * Weight normalisation (``torch._weight_norm``, whose fused kernel has no
   forward-mode formula) is computed as ``g · v / ‖v‖`` from differentiable parts.
-* LSTM and GRU layers (``torch.lstm``, ``torch.gru``) keep the fused kernel for
-  the primal values and get the tangents of
-  :mod:`~curveball._curvature.recurrent_rule`. Plain RNN layers
+* LSTM and GRU layers (``torch.lstm``, ``torch.gru``) keep their own kernel for
+  the primal values (for the LSTM on a CPU, oneDNN's fused one) and get the
+  tangents of :mod:`~curveball._curvature.recurrent_rule`. Plain RNN layers
   (``torch.rnn_tanh``, ``torch.rnn_relu``), and the calls that rule leaves
   alone, run with oneDNN disabled: its float32 CPU kernel has no forward-mode
   formula, PyTorch's native one has.
