@@ -122,6 +122,22 @@ def test_checkpoints_carry_the_average_and_resume_identically():
         assert torch.equal(p, q)
 
 
+def test_loading_keeps_the_float32_average_of_half_parameters():
+    """torch.optim casts saved state to the parameter's dtype; v above float16's range
+    (65504) must come back as saved, not as inf."""
+    model = nn.Linear(3, 2).half()
+    a = CurveBall(model)
+    for p in model.parameters():
+        a.state[p]["z"] = torch.zeros_like(p)
+        a.state[p]["dz_square_average"] = torch.full(p.shape, 1e5, dtype=torch.float32)
+    b = CurveBall(model)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    for p in model.parameters():
+        v = b.state[p]["dz_square_average"]
+        assert v.dtype == torch.float32 and torch.equal(v, torch.full(p.shape, 1e5))
+        assert b.state[p]["z"].dtype == torch.float16
+
+
 def test_the_paper_defaults_turn_it_off():
     assert PAPER_DEFAULTS["precondition"] is False
     model, x, loss_fn = tiny_problem(4)

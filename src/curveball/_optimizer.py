@@ -51,6 +51,8 @@ PAPER_DEFAULTS: dict[str, Any] = {
 """Constructor keywords with which ``CurveBall(model, **PAPER_DEFAULTS)`` is the authors'
 method (Henriques et al., ICCV 2019), whatever the defaults become."""
 
+_AVERAGE = "dz_square_average"  # the preconditioner's state key (float32 for half parameters)
+
 PER_GROUP = ("lr", "weight_decay")
 """Hyper-parameters that may differ between parameter groups; all others are global."""
 
@@ -329,7 +331,10 @@ class CurveBall(torch.optim.Optimizer):
         saved = state_dict.pop(STATE_KEY, None)
         record = CurveBallState.from_dict(saved) if saved is not None else None
         self._check_saved_shapes(state_dict)
+        averages = _saved_averages(state_dict, self.param_groups)
         super().load_state_dict(state_dict)
+        for p, v in averages:  # torch.optim casts every state tensor to its parameter's dtype
+            self.state[p][_AVERAGE] = v.to(device=p.device, dtype=square_average_like(p).dtype)
         for group in self.param_groups:
             # 0.1.0 kept only lr and weight_decay in the groups: the others come from the
             # constructor, except the preconditioner, which no older checkpoint trained with
@@ -388,7 +393,7 @@ class CurveBall(torch.optim.Optimizer):
             ]
         if layout.averages is None and self.param_groups[0]["precondition"]:
             layout.averages = [
-                self._state_tensor(p, "dz_square_average", square_average_like(p)) for p in params
+                self._state_tensor(p, _AVERAGE, square_average_like(p)) for p in params
             ]
             if all(p.device.type == "cpu" for p in params):
                 # on a CPU, passes over freshly allocated parameter-sized tensors cost several
@@ -758,6 +763,19 @@ class CurveBall(torch.optim.Optimizer):
         lambd = _damping.adjust_damping(info.lambd, ratio, hyper["lambda_thresholds"], omega)
         self.curveball_state.lambd = lambd
         return replace(info, trust_ratio=ratio, next_lambd=lambd)
+
+
+def _saved_averages(state_dict: dict[str, Any], groups: list[dict]) -> list[tuple]:
+    """``(parameter, saved v)`` pairs, matched as ``torch.optim`` matches saved state."""
+    saved_ids = [i for g in state_dict.get("param_groups", []) for i in g.get("params", [])]
+    params = [p for g in groups for p in g["params"]]
+    by_id = dict(zip(saved_ids, params, strict=False))
+    pairs = []
+    for index, state in state_dict.get("state", {}).items():
+        v = state.get(_AVERAGE) if isinstance(state, dict) else None
+        if isinstance(v, torch.Tensor) and index in by_id:
+            pairs.append((by_id[index], v))
+    return pairs
 
 
 def _nothing() -> None:
