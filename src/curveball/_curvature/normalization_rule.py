@@ -85,28 +85,16 @@ def _trailing(x: torch.Tensor, normalized_shape: Sequence[int]) -> list[int]:
     return list(range(x.dim() - len(normalized_shape), x.dim()))
 
 
-def _shape(normalized_shape: Sequence[int]) -> tuple[int, ...]:
-    return tuple(normalized_shape)
-
-
 def _layer_norm_primal(x, normalized_shape, weight, bias, eps):
-    out, mean, inv = torch.native_layer_norm(x, _shape(normalized_shape), weight, bias, eps)
+    out, mean, inv = torch.native_layer_norm(x, tuple(normalized_shape), weight, bias, eps)
     with torch.no_grad():
         normalized = (x.detach() - mean.detach()) * inv.detach()
     return out, normalized, inv.detach()
 
 
-def _layer_norm_tangent(xt, wt, bt, normalized, inv, weight, normalized_shape, shape):
-    whitened = None
-    if xt is not None:
-        dims = _trailing(xt, _shape(normalized_shape))
-        whitened = _whitened_tangent(xt, normalized, inv, dims, True)
-    return _affine_tangent(whitened, normalized, weight, wt, bt)
-
-
 def _rms_norm_primal(x, normalized_shape, weight, bias, eps):
     """``y`` from ``F.rms_norm`` itself, the statistics apart (``bias`` is always ``None``)."""
-    normalized_shape = _shape(normalized_shape)
+    normalized_shape = tuple(normalized_shape)
     out = F.rms_norm(x, normalized_shape, weight, eps)
     with torch.no_grad():
         xd = x.detach()
@@ -116,12 +104,18 @@ def _rms_norm_primal(x, normalized_shape, weight, bias, eps):
     return out, xd * inv, inv
 
 
-def _rms_norm_tangent(xt, wt, bt, normalized, inv, weight, normalized_shape, shape):
-    whitened = None
-    if xt is not None:
-        dims = _trailing(xt, _shape(normalized_shape))
-        whitened = _whitened_tangent(xt, normalized, inv, dims, False)
-    return _affine_tangent(whitened, normalized, weight, wt, None)
+def _trailing_tangent(centre: bool):
+    """The tangent of a normalisation over the trailing ``normalized_shape`` (layer norm
+    with ``centre``, RMS norm without)."""
+
+    def tangent(xt, wt, bt, normalized, inv, weight, normalized_shape, shape):
+        whitened = None
+        if xt is not None:
+            dims = _trailing(xt, normalized_shape)
+            whitened = _whitened_tangent(xt, normalized, inv, dims, centre)
+        return _affine_tangent(whitened, normalized, weight, wt, bt)
+
+    return tangent
 
 
 def _group_norm_primal(x, groups, weight, bias, eps):
@@ -180,9 +174,9 @@ class NormRule:
 
 NORMS = {
     F.layer_norm: NormRule(("input", "normalized_shape", "weight", "bias", "eps"),
-                           _layer_norm_primal, _layer_norm_tangent),
+                           _layer_norm_primal, _trailing_tangent(centre=True)),
     F.rms_norm: NormRule(("input", "normalized_shape", "weight", "eps"),
-                         _rms_norm_primal, _rms_norm_tangent, None),
+                         _rms_norm_primal, _trailing_tangent(centre=False), None),
     F.group_norm: NormRule(("input", "num_groups", "weight", "bias", "eps"),
                            _group_norm_primal, _group_norm_tangent),
 }  # fmt: skip
