@@ -27,7 +27,13 @@ from curveball._curvature.module_tensors import ModuleTensors
 from curveball._distributed import Averager
 from curveball._loss_scale import MIN_SCALE, after_finite, after_overflow, float16_in_use
 from curveball._param_vectors import HALF_PRECISION, ParamLayout, dot
-from curveball._preconditioner import Workspace, precondition_, square_average_like, workspace_like
+from curveball._preconditioner import (
+    Workspace,
+    average_dtype,
+    precondition_,
+    square_average_like,
+    workspace_like,
+)
 from curveball._quadratic_model import QuadraticModel, convexified
 from curveball._state import STATE_KEY, CurveBallState
 from curveball._step_info import StepInfo
@@ -331,10 +337,14 @@ class CurveBall(torch.optim.Optimizer):
         saved = state_dict.pop(STATE_KEY, None)
         record = CurveBallState.from_dict(saved) if saved is not None else None
         self._check_saved_shapes(state_dict)
-        averages = _saved_averages(state_dict, self.param_groups)
+        averages = [
+            (p, state[_AVERAGE])
+            for _, p, state in _saved_states(state_dict, self.param_groups)
+            if isinstance(state.get(_AVERAGE), torch.Tensor)
+        ]
         super().load_state_dict(state_dict)
         for p, v in averages:  # torch.optim casts every state tensor to its parameter's dtype
-            self.state[p][_AVERAGE] = v.to(device=p.device, dtype=square_average_like(p).dtype)
+            self.state[p][_AVERAGE] = v.to(device=p.device, dtype=average_dtype(p))
         for group in self.param_groups:
             # 0.1.0 kept only lr and weight_decay in the groups: the others come from the
             # constructor, except the preconditioner, which no older checkpoint trained with
@@ -347,16 +357,13 @@ class CurveBall(torch.optim.Optimizer):
         self._layout = None  # rebuild the layout around the loaded z
 
     def _check_saved_shapes(self, state_dict: dict[str, Any]) -> None:
-        params = [p for g in self.param_groups for p in g["params"]]
-        for index, state in state_dict.get("state", {}).items():
-            z = state.get("z") if isinstance(state, dict) else None
-            if z is None or not isinstance(index, int) or not 0 <= index < len(params):
-                continue
-            if tuple(z.shape) != tuple(params[index].shape):
+        for index, p, state in _saved_states(state_dict, self.param_groups):
+            z = state.get("z")
+            if isinstance(z, torch.Tensor) and tuple(z.shape) != tuple(p.shape):
                 raise ValueError(
                     f"state_dict: z of parameter {index} has shape {tuple(z.shape)}, but the "
-                    f"parameter has shape {tuple(params[index].shape)}: the checkpoint belongs "
-                    "to another model"
+                    f"parameter has shape {tuple(p.shape)}: the checkpoint belongs to another "
+                    "model"
                 )
 
     def _prepare(self) -> _Layout:
@@ -765,17 +772,17 @@ class CurveBall(torch.optim.Optimizer):
         return replace(info, trust_ratio=ratio, next_lambd=lambd)
 
 
-def _saved_averages(state_dict: dict[str, Any], groups: list[dict]) -> list[tuple]:
-    """``(parameter, saved v)`` pairs, matched as ``torch.optim`` matches saved state."""
+def _saved_states(state_dict: dict[str, Any], groups: list[dict]) -> list[tuple]:
+    """``(saved id, parameter, saved state)`` triples, matched as ``torch.optim`` matches
+    saved state to parameters (by position across the groups)."""
     saved_ids = [i for g in state_dict.get("param_groups", []) for i in g.get("params", [])]
     params = [p for g in groups for p in g["params"]]
     by_id = dict(zip(saved_ids, params, strict=False))
-    pairs = []
-    for index, state in state_dict.get("state", {}).items():
-        v = state.get(_AVERAGE) if isinstance(state, dict) else None
-        if isinstance(v, torch.Tensor) and index in by_id:
-            pairs.append((by_id[index], v))
-    return pairs
+    return [
+        (index, by_id[index], state)
+        for index, state in state_dict.get("state", {}).items()
+        if isinstance(state, dict) and index in by_id
+    ]
 
 
 def _nothing() -> None:

@@ -30,10 +30,14 @@ import torch
 from curveball._param_vectors import HALF_PRECISION
 
 
+def average_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype of parameter ``p``'s moving average: float32 for half precision."""
+    return torch.float32 if p.dtype in HALF_PRECISION else p.dtype
+
+
 def square_average_like(p: torch.Tensor) -> torch.Tensor:
-    """A zero moving average of ``Δz²`` for parameter ``p`` (float32 for half precision)."""
-    dtype = torch.float32 if p.dtype in HALF_PRECISION else p.dtype
-    return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+    """A zero moving average of ``Δz²`` for parameter ``p``."""
+    return torch.zeros_like(p, dtype=average_dtype(p), memory_format=torch.preserve_format)
 
 
 Workspace = tuple[list[torch.Tensor], list[torch.Tensor]]
