@@ -27,8 +27,8 @@ import argparse
 import copy
 import json
 import statistics
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -65,32 +65,27 @@ def workload(name: str, device: torch.device):
     return model, x, t
 
 
-def _without_attention_rule():
-    """The lean rules with the attention rule off, and SDPA on its math backend."""
-    original = lean_rules.LeanTangents._attention
-    stack = sdpa_kernel(SDPBackend.MATH)
-
-    class Scope:
-        def __enter__(self):
-            lean_rules.LeanTangents._attention = lambda self, args, kwargs: None
-            stack.__enter__()
-
-        def __exit__(self, *exc):
-            stack.__exit__(*exc)
-            lean_rules.LeanTangents._attention = original
-
-    return Scope()
+@contextmanager
+def _rule_off(method: str) -> Iterator[None]:
+    """``LeanTangents.<method>`` declines every call, so PyTorch's own formulas run."""
+    original = getattr(lean_rules.LeanTangents, method)
+    setattr(lean_rules.LeanTangents, method, lambda self, *args: None)
+    try:
+        yield
+    finally:
+        setattr(lean_rules.LeanTangents, method, original)
 
 
-class _WithoutRecurrentRule:
-    """The lean rules with the recurrent layers' rule off (native kernels on dual numbers)."""
+@contextmanager
+def _without_attention_rule() -> Iterator[None]:
+    """The attention rule off, and SDPA on its math backend."""
+    with _rule_off("_attention"), sdpa_kernel(SDPBackend.MATH):
+        yield
 
-    def __enter__(self):
-        self.original = lean_rules.LeanTangents._recurrent
-        lean_rules.LeanTangents._recurrent = lambda self, func, args, kwargs: None
 
-    def __exit__(self, *exc):
-        lean_rules.LeanTangents._recurrent = self.original
+def _without_recurrent_rule():
+    """The recurrent layers' rule off: native kernels on dual numbers."""
+    return _rule_off("_recurrent")
 
 
 def contender(method: str, model: nn.Module, x, t) -> Contender:
@@ -110,7 +105,7 @@ def contender(method: str, model: nn.Module, x, t) -> Contender:
     if method.endswith("math-sdpa"):
         scope = _without_attention_rule
     elif method.endswith("native"):
-        scope = _WithoutRecurrentRule
+        scope = _without_recurrent_rule
 
     def curveball_step() -> None:
         with scope():
