@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from dual_numbers import run_first as run
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curveball._curvature.lean_rules import LeanTangents
@@ -21,24 +22,6 @@ gen = torch.Generator().manual_seed(0)
 
 def randn(*shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-
-def run(fn, primals, tangents, rules: LeanTangents | None = None):
-    """``fn`` on dual inputs (``None`` tangent: a plain input); returns (primal, tangent)."""
-    with fwAD.dual_level() as level:
-        args = [
-            p if t is None else fwAD.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)
-        ]
-        if rules is None:
-            out = fn(*args)
-        else:
-            rules.level = level
-            with rules:
-                out = fn(*args)
-        if isinstance(out, tuple):
-            out = out[0]
-        primal, tangent = fwAD.unpack_dual(out)
-        return primal.detach().clone(), None if tangent is None else tangent.clone()
 
 
 # (name, function of (x, w, b), shapes of (x, w, b))

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from dual_numbers import run_first as run
 
 from curveball._curvature.lean_rules import LeanTangents
 
@@ -20,21 +21,6 @@ gen = torch.Generator().manual_seed(0)
 
 def randn(*shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-
-def run(fn, primals, tangents, rules: LeanTangents | None = None):
-    with fwAD.dual_level() as level:
-        args = [
-            p if t is None else fwAD.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)
-        ]
-        if rules is None:
-            out = fn(*args)
-        else:
-            rules.level = level
-            with rules:
-                out = fn(*args)
-        primal, tangent = fwAD.unpack_dual(out)
-        return primal.detach().clone(), None if tangent is None else tangent.clone()
 
 
 # (function of (x, w, b), shapes of (x, w, b)); b is ignored where the layer has none

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from dual_numbers import run_dual as run
 
 from curveball._curvature.lean_rules import LeanTangents
 
@@ -67,24 +68,6 @@ def inputs(options: dict) -> list[torch.Tensor]:
     params = layer_params(gates, layers, options["bias"], options.get("bidirectional", False),
                           options.get("proj", 0))  # fmt: skip
     return [randn(*shape), 0.5 * randn(*state), 0.5 * randn(*cell), *params]
-
-
-def run(fn, primals, tangents, rules: LeanTangents | None = None):
-    """``fn`` on dual inputs; returns the primals and tangents of its outputs."""
-    with fwAD.dual_level() as level:
-        args = [
-            p if t is None else fwAD.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)
-        ]
-        if rules is None:
-            outs = fn(*args)
-        else:
-            rules.level = level
-            with rules:
-                outs = fn(*args)
-        unpacked = [fwAD.unpack_dual(o) for o in outs]
-        return [u.primal.detach().clone() for u in unpacked], [
-            None if u.tangent is None else u.tangent.clone() for u in unpacked
-        ]
 
 
 SUPPORTED = {
