@@ -104,6 +104,33 @@ def test_a_skipped_step_leaves_the_average_unchanged():
     assert opt.last.skipped and torch.equal(flat_state(opt, model, "dz_square_average"), v)
 
 
+def test_the_average_follows_its_recurrence_across_steps_skips_and_trials():
+    """The kept buffers trade places at every committed step: the state must always hold
+    the latest committed v (computed here from the dense oracle's Δz), never a buffer."""
+    model, x, loss_fn = tiny_problem(5)
+    lambd, decay = 0.3, 0.5
+    opt = CurveBall(
+        model, lr=0.0, lambd=lambd, auto_lambda=True, lambda_interval=2,
+        lambda_factor=1.0, precondition=True, precondition_decay=decay,
+    )  # fmt: skip
+    dense = dense_problem(model, x, loss_fn)
+    system = dense["G"] + lambd * torch.eye(dense["w"].numel(), dtype=torch.float64)
+    v = torch.zeros_like(dense["w"])
+    for step in range(6):
+        z = flat_state(opt, model, "z") if step else torch.zeros_like(v)
+        if step == 3:
+            with pytest.warns(RuntimeWarning, match="skipped"):
+                opt.step(lambda: model(x) * float("nan"), loss_fn)
+        else:
+            opt.step(lambda: model(x), loss_fn)
+            dz = system @ z + dense["g"]
+            v = decay * v + (1 - decay) * dz * dz
+        assert opt.last.skipped == (step == 3)
+        torch.testing.assert_close(
+            flat_state(opt, model, "dz_square_average"), v, rtol=1e-9, atol=0
+        )
+
+
 def test_checkpoints_carry_the_average_and_resume_identically():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()

@@ -88,6 +88,7 @@ class _Layout:
     zs: list[torch.Tensor] | None = None
     averages: list[torch.Tensor] | None = None  # the preconditioner's v, if it is on
     workspace: Workspace | None = None  # the preconditioner's buffers, if it is on
+    kept: list[torch.Tensor] | None = None  # z and w before a trial commit, if kept in buffers
 
 
 @dataclass
@@ -402,10 +403,7 @@ class CurveBall(torch.optim.Optimizer):
             layout.averages = [
                 self._state_tensor(p, _AVERAGE, square_average_like(p)) for p in params
             ]
-            if all(p.device.type == "cpu" for p in params):
-                # on a CPU, passes over freshly allocated parameter-sized tensors cost several
-                # times more than over kept ones; CUDA's caching allocator makes them free, and
-                # there memory is the scarcer resource
+            if _keeps_buffers(params):
                 layout.workspace = workspace_like(layout.averages)
         return layout
 
@@ -496,8 +494,7 @@ class CurveBall(torch.optim.Optimizer):
                 with record_function(PHASES[5]):
                     self._commit(info, products.dz)
             if products.averages is not None and not info.skipped:
-                assert layout.averages is not None
-                torch._foreach_copy_(layout.averages, products.averages)
+                self._adopt_averages(layout, products.averages)
         except BaseException:
             # A user error or an interrupt mid-step: leave the module as it was.
             undo()
@@ -513,6 +510,17 @@ class CurveBall(torch.optim.Optimizer):
             )
         self.last = replace(info, engine=_engine_name(engines.engine))
         return products.loss.loss, products.predictions.detach()
+
+    def _adopt_averages(self, layout: _Layout, updated: list[torch.Tensor]) -> None:
+        """Make ``v'`` the preconditioner's average: it and the old ``v`` trade places
+        (the old buffers receive the next step's ``v'``) instead of being copied."""
+        previous = layout.averages
+        assert previous is not None
+        layout.averages = updated
+        for p, v in zip(layout.params, updated, strict=True):
+            self.state[p][_AVERAGE] = v
+        if layout.workspace is not None:
+            layout.workspace = (previous, layout.workspace[1])
 
     def _plan(self, hyper: dict[str, Any]) -> _Plan:
         state = self.curveball_state
@@ -750,7 +758,14 @@ class CurveBall(torch.optim.Optimizer):
         """
         layout = self._layout
         assert layout is not None and layout.zs is not None
-        kept = [t.detach().clone() for t in (*layout.zs, *layout.params)]
+        current = [t.detach() for t in (*layout.zs, *layout.params)]
+        if _keeps_buffers(layout.params):
+            if layout.kept is None:
+                layout.kept = [torch.empty_like(t) for t in current]  # same strides as t
+            kept = layout.kept
+            torch._foreach_copy_(kept, current)
+        else:
+            kept = [t.clone() for t in current]
         sizes = self.curveball_state.sizes
         with record_function(PHASES[5]):
             self._commit(info, dz)
@@ -783,6 +798,16 @@ def _saved_states(state_dict: dict[str, Any], groups: list[dict]) -> list[tuple]
         for index, state in state_dict.get("state", {}).items()
         if isinstance(state, dict) and index in by_id
     ]
+
+
+def _keeps_buffers(params: Sequence[torch.Tensor]) -> bool:
+    """Whether parameter-sized scratch tensors are kept between steps instead of allocated.
+
+    On a CPU, passes over freshly allocated parameter-sized tensors cost several times
+    more than over kept ones; CUDA's caching allocator makes allocation free, and there
+    memory is the scarcer resource.
+    """
+    return all(p.device.type == "cpu" for p in params)
 
 
 def _nothing() -> None:
