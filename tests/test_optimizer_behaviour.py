@@ -208,3 +208,26 @@ def test_z_buffers_are_updated_in_place_and_laid_out_like_their_parameters():
     for p, z in buffers.items():
         assert opt.state[p]["z"] is z  # like momentum buffers: the same tensors, updated
         assert z.stride() == p.stride() and z.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "stored, reused",
+    [((0.7, 1e-3), True), ((1.0, 0.0), True), ((-1.6, 1e-3), False), ((1.3, 1e-3), False),
+     ((0.7, -1e-4), False)],
+)  # fmt: skip
+def test_reused_step_sizes_are_only_contractions(stored, reused):
+    """Between solves (step_size_interval) the last ρ, β are reused only if 0 ≤ ρ ≤ 1 and
+    β ≥ 0; the exact minimiser of one step's plane may be anything, and a negative ρ
+    reused on later planes made z grow geometrically."""
+    data = batches(3)
+    model = bn_model()
+    opt = CurveBall(model, step_size_interval=10, auto_lambda=False)
+    run(model, opt, data[:1])
+    assert opt.last.refreshed
+    opt.curveball_state.rho, opt.curveball_state.beta = stored
+    run(model, opt, data[1:2])
+    assert opt.last.refreshed is not reused
+    assert ((opt.last.rho, opt.last.beta) == stored) is reused
+    rho, beta = opt.curveball_state.sizes
+    run(model, opt, data[2:])  # what the second step solved or reused, the third judges alike
+    assert opt.last.refreshed is not (0.0 <= rho <= 1.0 and beta >= 0.0)

@@ -188,7 +188,8 @@ class CurveBall(torch.optim.Optimizer):
             gradient and the curvature.
         step_size_interval: solve for ρ and β every this many steps only, and
             reuse the last values in between (skipping the second forward-mode
-            pass there). Steps with a trust-region test always solve.
+            pass there) while they are a contraction, 0 ≤ ρ ≤ 1 and β ≥ 0 (other
+            values are solved for anew). Steps with a trust-region test always solve.
         precondition: step ``z`` along ``d = Δz / (√v + ε)`` instead of ``Δz``,
             with ``v`` a moving average of ``Δz²`` (see
             :mod:`curveball._preconditioner`; off in the paper's method).
@@ -527,9 +528,8 @@ class CurveBall(torch.optim.Optimizer):
         step = state.step + 1
         auto_sizes = hyper["momentum"] is None or hyper["beta"] is None
         trial = hyper["auto_lambda"] and step % hyper["lambda_interval"] == 0
-        refresh = trial or (
-            auto_sizes and (state.sizes is None or (step - 1) % hyper["step_size_interval"] == 0)
-        )
+        due = (step - 1) % hyper["step_size_interval"] == 0
+        refresh = trial or (auto_sizes and (due or not _reusable(state.sizes, hyper)))
         scale = state.loss_scale if float16_in_use(self._layout.params) else None
         precondition = None
         if hyper["precondition"]:
@@ -798,6 +798,22 @@ def _saved_states(state_dict: dict[str, Any], groups: list[dict]) -> list[tuple]
         for index, state in state_dict.get("state", {}).items()
         if isinstance(state, dict) and index in by_id
     ]
+
+
+def _reusable(sizes: tuple[float, float] | None, hyper: dict[str, Any]) -> bool:
+    """Whether the last automatic ρ and β may be reused on a step that does not solve.
+
+    Only a contraction (0 ≤ ρ ≤ 1) along the descent direction (β ≥ 0) is: the exact
+    minimiser over one step's plane can be any pair (a negative or large ρ, a negative
+    β), which, repeated on later steps' planes, can make z grow geometrically (a ρ of
+    −1.6 reused did, on an MLP, until the loss overflowed). Other pairs are solved for anew.
+    """
+    if sizes is None:
+        return False
+    rho, beta = sizes
+    return (hyper["momentum"] is not None or 0.0 <= rho <= 1.0) and (
+        hyper["beta"] is not None or beta >= 0.0
+    )
 
 
 def _keeps_buffers(params: Sequence[torch.Tensor]) -> bool:
