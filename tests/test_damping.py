@@ -6,7 +6,14 @@ import math
 
 import pytest
 
-from curveball._damping import LAMBDA_FLOOR, adjust_damping, omega, raise_damping, trust_ratio
+from curveball._damping import (
+    LAMBDA_FLOOR,
+    adjust_damping,
+    after_rejection,
+    omega,
+    raise_damping,
+    trust_ratio,
+)
 
 
 def test_damping_rule_directions():
@@ -32,3 +39,9 @@ def test_zero_damping_can_grow():
 def test_factor_one_keeps_lambda():
     assert raise_damping(0.3, 1.0) == 0.3
     assert adjust_damping(0.3, 0.1, (0.5, 1.5), 1.0) == 0.3
+
+
+def test_a_rejection_doubles_lambda_even_from_zero():
+    assert after_rejection(0.3) == 0.6
+    assert after_rejection(0.0) == LAMBDA_FLOOR
+    assert after_rejection(after_rejection(0.0)) == 2 * LAMBDA_FLOOR

@@ -100,6 +100,42 @@ def test_non_finite_trial_loss_skips_the_step():
     assert opt.last.skipped and opt.lambd > lambd
 
 
+def uphill_loss(t, calls):
+    """Cross-entropy that reads 1 higher on its second call (a step's trust-region trial)."""
+
+    def loss_fn(y):
+        calls.append(1)
+        return F.cross_entropy(y, t) + (1.0 if len(calls) == 2 else 0.0)
+
+    return loss_fn
+
+
+def test_a_step_that_raises_its_batch_loss_is_rejected_and_z_restarts():
+    model, opt, x, t = setup()
+    opt.param_groups[0]["lambda_interval"] = 1  # test at every step
+    params, zs, buffers = snapshot(model, opt)
+    assert any(z.abs().sum() > 0 for z in zs)
+    calls = []
+    with pytest.warns(RuntimeWarning, match="rejected: the loss on its batch rose"):
+        opt.step(lambda: model(x), uphill_loss(t, calls))
+    assert len(calls) == 2 and opt.last.trust_ratio < 0
+    assert opt.last.skipped and opt.last.reason.startswith("rejected")
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
+    assert all(torch.count_nonzero(opt.state[p]["z"]) == 0 for p in model.parameters())
+    opt.step(lambda: model(x), lambda y: F.cross_entropy(y, t))
+    assert opt.last.refreshed and opt.last.rho == 0.0  # z = 0: a fresh start, ρ irrelevant
+
+
+def test_the_paper_settings_keep_a_step_that_raises_its_batch_loss():
+    model, opt, x, t = setup()
+    opt.param_groups[0].update(lambda_interval=1, reject_uphill=False)
+    params, _, _ = snapshot(model, opt)
+    opt.step(lambda: model(x), uphill_loss(t, []))
+    assert opt.last.trust_ratio < 0 and not opt.last.skipped
+    assert not all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -113,6 +149,7 @@ def test_non_finite_trial_loss_skips_the_step():
         ({"momentum": math.nan}, "momentum"),
         ({"forward_mode": "reverse"}, "forward_mode"),
         ({"step_size_interval": 0}, "step_size_interval"),
+        ({"reject_uphill": "yes"}, "reject_uphill"),
     ],
 )
 def test_bad_hyper_parameters_name_the_argument(kwargs, match):

@@ -110,13 +110,22 @@ def test_damping_rule_moves_lambda_the_right_way():
     with torch.no_grad():
         w.weight.fill_(0.0)
     one = torch.ones(1, 1, dtype=torch.float64)
-    opt = CurveBall(w, lambd=1e-3, lambda_interval=1)
-    opt.step(
-        lambda: w(one),
-        lambda y: (0.005 * y**2 - 0.1 * y + torch.exp(10 * (y - 1.5))).sum(),
-    )
+
+    def steep(y):
+        return (0.005 * y**2 - 0.1 * y + torch.exp(10 * (y - 1.5))).sum()
+
+    opt = CurveBall(w, lambd=1e-3, lambda_interval=1, reject_uphill=False)  # the paper's rule
+    opt.step(lambda: w(one), steep)
     assert opt.last.trust_ratio < 0.5
     assert opt.lambd == pytest.approx(1e-3 / 0.999)
+    # The loss even rose (r < 0): by default the step is undone and λ doubles besides.
+    with torch.no_grad():
+        w.weight.fill_(0.0)
+    opt = CurveBall(w, lambd=1e-3, lambda_interval=1)
+    with pytest.warns(RuntimeWarning, match="rejected"):
+        opt.step(lambda: w(one), steep)
+    assert opt.last.trust_ratio < 0.0 and opt.last.skipped
+    assert opt.lambd == pytest.approx(2e-3 / 0.999) and w.weight.item() == 0.0
 
 
 def test_fixed_momentum_and_beta_are_used_as_given():

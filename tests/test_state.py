@@ -141,13 +141,14 @@ def test_the_global_record_round_trips():
     assert CurveBallState.from_dict(torch.load(buffer)) == state
 
 
-def test_paper_defaults_are_the_published_method_and_differ_from_todays_in_two_places():
+def test_paper_defaults_are_the_published_method_and_differ_from_todays_in_three_places():
     from curveball import PAPER_DEFAULTS
 
     model, _, _ = CASES["mlp"].make()
     paper = CurveBall(model, **PAPER_DEFAULTS).param_groups[0]
     default = CurveBall(model).param_groups[0]
     differ = {k for k in PAPER_DEFAULTS if paper[k] != default[k]}
-    assert differ == {"lambd", "precondition"}
+    assert differ == {"lambd", "precondition", "reject_uphill"}
     assert PAPER_DEFAULTS["lambd"] == 1.0 and PAPER_DEFAULTS["lambda_interval"] == 5
     assert PAPER_DEFAULTS["precondition"] is False and default["lambd"] == 0.1
+    assert PAPER_DEFAULTS["reject_uphill"] is False and default["reject_uphill"] is True

@@ -20,6 +20,9 @@ import math
 LAMBDA_FLOOR = 1e-8
 """The damping that a failed test gives when λ was 0."""
 
+REJECTION_FACTOR = 2.0
+"""How much λ grows when a tested step raised the loss and was rejected (``reject_uphill``)."""
+
 
 def omega(factor: float, interval: int) -> float:
     """``ω = factor ** T``: the change of λ per trust-region test."""
@@ -63,3 +66,14 @@ def adjust_damping(
     if ratio > high:
         return lambd * omega
     return lambd
+
+
+def after_rejection(lambd: float) -> float:
+    """The damping after a rejected step: :data:`REJECTION_FACTOR` λ, at least
+    :data:`LAMBDA_FLOOR`.
+
+    The rule of :func:`adjust_damping` changes λ by ``1/ω`` at most (0.5 % per test
+    with the paper's factor), so alone it would propose the same step again on the
+    next attempt; a trust-region method must shrink the region after a rejection.
+    """
+    return max(REJECTION_FACTOR * lambd, LAMBDA_FLOOR)

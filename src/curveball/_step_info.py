@@ -20,8 +20,10 @@ class StepInfo:
         predicted_change: the quadratic model's predicted loss change ``M(z')``.
         trust_ratio: actual over predicted change, when it was measured (else ``None``).
         refreshed: whether ρ and β were solved for at this step (else reused).
-        skipped: whether the step left the parameters and ``z`` unchanged.
-        reason: why it was skipped (what was non-finite, or why it could not move).
+        skipped: whether the step left the parameters unchanged (and ``z``, except
+            after a rejected step, which restarts it from zero).
+        reason: why it was skipped (what was non-finite, why it could not move, or
+            that the loss rose on its batch and it was rejected).
         engine: ``"forward"`` or ``"double-backward"``: how the products were computed.
     """
 
