@@ -11,6 +11,7 @@ rotating), with only the steps timed, so machine noise hits all alike. Every
 * for every contender: the steps and seconds it needs to reach the target, its
   seconds relative to the best Adam's, the loss it has reached when the best Adam
   has used up all its time, and its median step time relative to SGD's;
+* for every CurveBall contender: its skipped or rejected steps, by reason;
 
 and plots loss against wall-clock and against steps, one line per contender.
 
@@ -151,6 +152,7 @@ class Contender:
     times: list[float] = field(default_factory=list)
     curve: list[tuple[int, float, float]] = field(default_factory=list)  # step, seconds, loss
     error: str | None = None
+    skipped: dict[str, int] = field(default_factory=dict)  # CurveBall's skipped steps by reason
 
 
 def _targets(t: torch.Tensor) -> torch.Tensor:
@@ -177,6 +179,7 @@ def curveball_step(opt: CurveBall, model: nn.Module, closed_form: bool = True):
             loss_fn = lambda y: F.cross_entropy(y, _targets(t))  # noqa: E731
         opt.step(lambda: model(x), loss_fn)
 
+    step.optimizer = opt  # type: ignore[attr-defined]  # the race counts its skipped steps
     return step
 
 
@@ -283,6 +286,9 @@ def lockstep_round(contenders: list[Contender], xb: torch.Tensor, tb: torch.Tens
             c.error = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
             continue
         c.times.append(time.perf_counter() - start)
+        last = getattr(getattr(c.step, "optimizer", None), "last", None)
+        if last is not None and last.skipped:
+            c.skipped[last.reason] = c.skipped.get(last.reason, 0) + 1
 
 
 def race_task(task: Task, args, x, t) -> dict:
@@ -354,6 +360,7 @@ def summarise(task: Task, contenders: list[Contender], grids: dict) -> dict:
                 final_loss=c.curve[-1][2],
                 step_ms=step_ms,
                 step_ratio_to_sgd=None if sgd_ms is None else step_ms / sgd_ms,
+                skipped_steps=c.skipped if hasattr(c.step, "optimizer") else None,
                 curve=c.curve,
             )
         rows.append(row)
@@ -393,7 +400,17 @@ def markdown(results: list[dict]) -> str:
                 f"| {_fmt(row['step_ratio_to_sgd'], '.2f')} |"
             )
     targets = "; ".join(f"{r['task']}: {r['target']:.4f} ({r['best_adam']})" for r in results)
-    return "\n".join(lines) + f"\n\nTargets (best tuned Adam/AdamW final training loss): {targets}"
+    skipped = [
+        f"{r['task']} {row['contender']}: " + ", ".join(f"{n} × {k}" for k, n in counts.items())
+        for r in results
+        for row in r["rows"]
+        if (counts := row.get("skipped_steps"))
+    ]
+    return (
+        "\n".join(lines)
+        + f"\n\nTargets (best tuned Adam/AdamW final training loss): {targets}"
+        + f"\n\nSkipped or rejected CurveBall steps: {'; '.join(skipped) or 'none'}"
+    )
 
 
 def plot(results: list[dict], folder: str) -> None:

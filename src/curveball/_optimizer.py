@@ -163,7 +163,7 @@ class CurveBall(torch.optim.Optimizer):
         w        ← w + α z
         every T steps: r = (L(w_new) − L(w_old)) / M(z');
                        λ ← λ / ω if r < r_low,  λ ← λ ω if r > r_high,  ω = factor^T
-                       if r < 0 (reject_uphill): w, buffers back to w_old, z ← 0
+                       if r < 0 (reject_uphill): w and buffers back, z ← 0, λ ← 2λ
 
     The defaults differ from the paper's in three places, measured on the
     wall-clock race and the paper's experiments (README): the diagonal
@@ -201,8 +201,8 @@ class CurveBall(torch.optim.Optimizer):
         reject_uphill: when a trust-region test finds the loss on the step's own
             batch higher after the step than before (r < 0: the quadratic model was
             wrong about the step's direction), undo the step (parameters and
-            buffers) and restart ``z`` from zero; otherwise (the paper's method) the
-            step stands and only λ reacts, by at most a factor 1/ω. ``z`` is the
+            buffers), restart ``z`` from zero and double λ; otherwise (the paper's
+            method) the step stands and λ grows by the factor 1/ω only. ``z`` is the
             state of the inner Newton solver: once a step has carried it far off,
             the exact minimiser over span{z, d} can be arbitrarily large, and
             later steps compound it.

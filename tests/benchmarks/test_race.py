@@ -26,6 +26,8 @@ def test_a_tiny_race_reports_every_contender(tmp_path):
         if row["error"] is None:
             assert [step for step, _, _ in row["curve"]] == [0, 2, 4]
             assert row["step_ms"] > 0
+            counted = row["contender"].startswith("curveball")
+            assert (row["skipped_steps"] == {}) if counted else (row["skipped_steps"] is None)
     best = next(r for r in task["rows"] if r["contender"] == task["best_adam"])
     assert best["steps_to_target"] is not None and best["time_ratio_to_adam"] == 1.0
     assert set(task["lr_grids"]) == {"curveball-tuned", "sgd", "adam", "adamw"}
@@ -33,6 +35,20 @@ def test_a_tiny_race_reports_every_contender(tmp_path):
     assert tuned["chosen"] in race.LR_GRIDS["curveball-tuned"]
     assert tuned["pre_run_loss"][tuned["chosen"]] == min(tuned["pre_run_loss"].values())
     assert (tmp_path / "plots" / "char-lstm.png").stat().st_size > 0
+
+
+def test_the_lockstep_counts_a_curveball_contenders_skipped_steps_by_reason():
+    class Last:
+        skipped, reason = True, "rejected: the loss rose on the step's batch"
+
+    def step(x, t):
+        return None
+
+    step.optimizer = type("Optimizer", (), {"last": Last})()
+    c = race.Contender("curveball", None, step)
+    for _ in range(3):
+        race.lockstep_round([c], None, None)
+    assert c.skipped == {Last.reason: 3} and len(c.times) == 3
 
 
 def test_the_batch_order_is_shared_and_covers_epochs():
