@@ -103,6 +103,10 @@ def train(problem: Problem, reject: bool, eval_every: int) -> dict:
     }
 
 
+def _number(value: float) -> str:
+    return f"{value:.4g}" if math.isfinite(value) else "non-finite"
+
+
 def markdown(rows: list[dict]) -> str:
     head = "| problem | reject_uphill | loss every k steps (k) | highest | final | rejected |"
     lines = [head, "| --- | --- | --- | ---: | ---: | ---: |"]
@@ -110,8 +114,7 @@ def markdown(rows: list[dict]) -> str:
         curve = " ".join(f"{v:.3g}" for v in r["curve"])
         lines.append(
             f"| {r['problem']} | {r['reject_uphill']} | {curve} ({r['every']}) "
-            f"| {r['highest']:.4g} "
-            f"| {r['final']:.4g} | {r['rejected']} |"
+            f"| {_number(r['highest'])} | {_number(r['final'])} | {r['rejected']} |"
         )
     return "\n".join(lines)
 
