@@ -11,6 +11,8 @@ upper threshold) it shrinks, ``λ ← λ ω``; with ``ω = factor ** T``
 (Henriques et al., ICCV 2019, section 3.3; Martens 2010). A step that had to be
 skipped (a non-finite value) counts as a failed test. A multiplicative rule
 never leaves ``λ = 0``, so growth from zero starts at :data:`LAMBDA_FLOOR`.
+With ``reject_uphill`` (a default, not the paper's), a test that finds the loss
+risen (``r < 0``) also rejects the step, and λ doubles (:func:`after_rejection`).
 """
 
 from __future__ import annotations
