@@ -85,8 +85,11 @@ def test_linear_least_squares_reaches_the_exact_minimiser():
     b = torch.randn(40, 2, dtype=torch.float64)
     model = nn.Linear(6, 2, dtype=torch.float64)
     opt = CurveBall(model)
+    rejected = []
     for _ in range(100):
         opt.step(lambda: model(a), lambda y: F.mse_loss(y, b))
+        rejected.append(opt.last.skipped)
+    assert not any(rejected)  # converged: trial losses equal up to rounding are not a rise
     design = torch.cat([a, torch.ones(40, 1, dtype=torch.float64)], dim=1)
     solution = torch.linalg.lstsq(design, b).solution  # (7, 2)
     torch.testing.assert_close(model.weight.detach(), solution[:6].T, rtol=1e-8, atol=1e-10)

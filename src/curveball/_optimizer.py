@@ -58,6 +58,10 @@ PAPER_DEFAULTS: dict[str, Any] = {
 """Constructor keywords with which ``CurveBall(model, **PAPER_DEFAULTS)`` is the authors'
 method (Henriques et al., ICCV 2019), whatever the defaults become."""
 
+ROUNDING_UNITS = 16
+"""A trial loss above the loss before the step by at most this many units of the loss's
+precision (relative) counts as unchanged, not risen, for ``reject_uphill``."""
+
 _AVERAGE = "dz_square_average"  # the preconditioner's state key (float32 for half parameters)
 
 PER_GROUP = ("lr", "weight_decay")
@@ -798,7 +802,7 @@ class CurveBall(torch.optim.Optimizer):
         lambd = _damping.adjust_damping(info.lambd, ratio, hyper["lambda_thresholds"], omega)
         self.curveball_state.lambd = lambd
         info = replace(info, trust_ratio=ratio, next_lambd=lambd)
-        if hyper["reject_uphill"] and ratio is not None and ratio < 0.0:
+        if hyper["reject_uphill"] and _rose(info.loss, trial_value, trial.dtype):
             lambd = self.curveball_state.lambd = _damping.after_rejection(lambd)
             info = replace(info, next_lambd=lambd)
             return self._reject(info, trial_value, kept[len(layout.zs) :], undo)
@@ -842,6 +846,14 @@ def _saved_states(state_dict: dict[str, Any], groups: list[dict]) -> list[tuple]
         for index, state in state_dict.get("state", {}).items()
         if isinstance(state, dict) and index in by_id
     ]
+
+
+def _rose(before: float, after: float, dtype: torch.dtype) -> bool:
+    """Whether the loss rose by more than rounding: two evaluations of a loss at nearly
+    the same point (a converged run) can differ by a few units of its precision either
+    way, and a rise that small must not reject the step."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
+    return after - before > ROUNDING_UNITS * eps * abs(before)
 
 
 def _reusable(sizes: tuple[float, float] | None, hyper: dict[str, Any]) -> bool:
