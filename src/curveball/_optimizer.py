@@ -204,7 +204,8 @@ class CurveBall(torch.optim.Optimizer):
         precondition_eps: ε > 0.
         reject_uphill: when a trust-region test finds the loss on the step's own
             batch higher after the step than before (r < 0: the quadratic model was
-            wrong about the step's direction), undo the step (parameters and
+            wrong about the step's direction; by more than :data:`ROUNDING_UNITS`
+            units of the loss's precision), undo the step (parameters and
             buffers), restart ``z`` from zero and double λ; otherwise (the paper's
             method) the step stands and λ grows by the factor 1/ω only. ``z`` is the
             state of the inner Newton solver: once a step has carried it far off,
