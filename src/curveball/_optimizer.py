@@ -772,7 +772,8 @@ class CurveBall(torch.optim.Optimizer):
     ) -> StepInfo:
         """Commit, evaluate the loss at the new parameters on the same batch, adapt λ.
 
-        If that loss is not finite, the commit is undone and the step skipped.
+        If that loss is not finite, the commit is undone and the step skipped; if it
+        rose (and ``reject_uphill``), the step is rejected (:meth:`_reject`).
         """
         layout = self._layout
         assert layout is not None and layout.zs is not None
@@ -801,11 +802,12 @@ class CurveBall(torch.optim.Optimizer):
         ratio = _damping.trust_ratio(trial_value - info.loss, info.predicted_change)
         omega = _damping.omega(hyper["lambda_factor"], hyper["lambda_interval"])
         lambd = _damping.adjust_damping(info.lambd, ratio, hyper["lambda_thresholds"], omega)
+        rejected = hyper["reject_uphill"] and _rose(info.loss, trial_value, trial.dtype)
+        if rejected:
+            lambd = _damping.after_rejection(lambd)
         self.curveball_state.lambd = lambd
         info = replace(info, trust_ratio=ratio, next_lambd=lambd)
-        if hyper["reject_uphill"] and _rose(info.loss, trial_value, trial.dtype):
-            lambd = self.curveball_state.lambd = _damping.after_rejection(lambd)
-            info = replace(info, next_lambd=lambd)
+        if rejected:
             return self._reject(info, trial_value, kept[len(layout.zs) :], undo)
         return info
 
