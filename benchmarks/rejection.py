@@ -38,6 +38,12 @@ from torch import nn
 from benchmarks import race
 from curveball import CurveBall
 
+RACE_PROBLEMS = {
+    "mlp-512-k5": ("mnist-mlp-512", {"step_size_interval": 5}),
+    "mnist-mlp": ("mnist-mlp", {}),
+}
+"""Problems on the race's tasks: the task and CurveBall's options."""
+
 
 @dataclass
 class Problem:
@@ -47,9 +53,12 @@ class Problem:
     steps: int
     step: Callable[[CurveBall, nn.Module, int], None]  # one step on batch number i
     loss: Callable[[nn.Module], float]  # the loss over the whole training data
+    every: int  # steps between two evaluations of ``loss``
 
 
-def race_problem(name: str, task: str, options: dict, data_dir: str, steps: int) -> Problem:
+def race_problem(
+    name: str, task: str, options: dict, data_dir: str, steps: int, every: int
+) -> Problem:
     spec = race.TASKS[task]
     x, t = race.load_data(spec, data_dir, 0)
     order = race.batches(len(x), spec.batch_size, steps, seed=0)
@@ -58,7 +67,8 @@ def race_problem(name: str, task: str, options: dict, data_dir: str, steps: int)
     def step(opt: CurveBall, model: nn.Module, i: int) -> None:
         race.curveball_step(opt, model)(x[order[i]], t[order[i]])
 
-    return Problem(name, spec.build(), options, steps, step, lambda m: race.training_loss(m, x, t))
+    loss = lambda m: race.training_loss(m, x, t)  # noqa: E731
+    return Problem(name, spec.build(), options, steps, step, loss, every)
 
 
 def concave_problem(steps: int) -> Problem:
@@ -78,10 +88,10 @@ def concave_problem(steps: int) -> Problem:
             return float(loss_fn(model(x)))
 
     options = {"lambd": 1e-3, "lambda_interval": 1, "precondition": False}
-    return Problem("concave", model, options, steps, step, loss)
+    return Problem("concave", model, options, steps, step, loss, max(1, steps // 10))
 
 
-def train(problem: Problem, reject: bool, eval_every: int) -> dict:
+def train(problem: Problem, reject: bool) -> dict:
     model = copy.deepcopy(problem.model)
     opt = CurveBall(model, **problem.options, reject_uphill=reject)
     curve = [problem.loss(model)]
@@ -89,13 +99,13 @@ def train(problem: Problem, reject: bool, eval_every: int) -> dict:
     for i in range(problem.steps):
         problem.step(opt, model, i)
         rejected += bool(opt.last.skipped and opt.last.reason.startswith("rejected"))
-        if (i + 1) % eval_every == 0:
+        if (i + 1) % problem.every == 0:
             curve.append(problem.loss(model))
     finite = [v for v in curve if math.isfinite(v)]
     return {
         "problem": problem.name,
         "reject_uphill": reject,
-        "every": eval_every,
+        "every": problem.every,
         "curve": curve,
         "highest": max(finite) if len(finite) == len(curve) else math.inf,
         "final": curve[-1],
@@ -125,23 +135,22 @@ def run(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=200, help="steps on the race's tasks")
     p.add_argument("--concave-steps", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=20)
-    p.add_argument("--problems", nargs="+", default=["mlp-512-k5", "concave", "mnist-mlp"])
+    problems = ("mlp-512-k5", "concave", "mnist-mlp")
+    p.add_argument("--problems", nargs="+", default=list(problems), choices=problems)
     args = p.parse_args(argv)
-    makers = {
-        "mlp-512-k5": lambda: race_problem(
-            "mlp-512-k5", "mnist-mlp-512", {"step_size_interval": 5}, args.data_dir, args.steps
-        ),
-        "concave": lambda: concave_problem(args.concave_steps),
-        "mnist-mlp": lambda: race_problem("mnist-mlp", "mnist-mlp", {}, args.data_dir, args.steps),
-    }
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in args.problems:
-            problem = makers[name]()
-            every = args.eval_every if name != "concave" else max(1, args.concave_steps // 10)
+            if name == "concave":
+                problem = concave_problem(args.concave_steps)
+            else:
+                task, options = RACE_PROBLEMS[name]
+                problem = race_problem(
+                    name, task, options, args.data_dir, args.steps, args.eval_every
+                )
             for reject in (False, True):
-                rows.append(train(problem, reject, every))
+                rows.append(train(problem, reject))
     print(markdown(rows))
     return rows
 
