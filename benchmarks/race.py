@@ -227,6 +227,7 @@ CURVEBALL_OPTIONS = {
     "curveball-paper": PAPER_DEFAULTS,
     "curveball-lm": LM_DAMPING,
     "curveball-lazy": {"step_size_interval": 5},
+    "curveball-minibatch": {"curvature_fraction": 0.25},
 }
 """CurveBall contenders by their constructor keywords. ``curveball-lazy`` solves for ρ and β
 only on the trust-region test steps (every 5th), skipping the second forward-mode pass on
@@ -234,8 +235,8 @@ the others; ``curveball-tuned`` (not here) picks its initial λ from ``LR_GRIDS`
 first-order optimizers pick their learning rate."""
 
 CONTENDERS = ("curveball", "curveball-paper", "curveball-lm", "curveball-lazy",
-              "curveball-tuned", "sgd", "adam", "adamw", "soap", "psgd-kron", "sophiah",
-              "adahessian", "shampoo")  # fmt: skip
+              "curveball-minibatch", "curveball-tuned", "sgd", "adam", "adamw", "soap",
+              "psgd-kron", "sophiah", "adahessian", "shampoo")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ the race

@@ -24,6 +24,7 @@ from curveball._curvature.engine_choice import MODES, EngineChoice
 from curveball._curvature.forward_mode import ForwardModeEngine
 from curveball._curvature.loss_derivatives import MAX_CLAMPED_OUTPUTS, LossDerivatives
 from curveball._curvature.module_tensors import ModuleTensors
+from curveball._curvature.row_subset import leading_rows
 from curveball._distributed import Averager
 from curveball._loss_scale import MIN_SCALE, after_finite, after_overflow, float16_in_use
 from curveball._param_vectors import HALF_PRECISION, ParamLayout, dot
@@ -54,6 +55,7 @@ PAPER_DEFAULTS: dict[str, Any] = {
     "step_size_interval": 1,
     "precondition": False,
     "reject_uphill": False,
+    "curvature_fraction": 1.0,
 }
 """Constructor keywords with which ``CurveBall(model, **PAPER_DEFAULTS)`` is the authors'
 method (Henriques et al., ICCV 2019), whatever the defaults become."""
@@ -63,6 +65,21 @@ ROUNDING_UNITS = 16
 precision (relative) counts as unchanged, not risen, for ``reject_uphill``."""
 
 _AVERAGE = "dz_square_average"  # the preconditioner's state key (float32 for half parameters)
+
+NOT_CUT = {
+    "unsupported": (
+        "CurveBall: curvature_fraction applies to forward-mode AD only; this step ran on "
+        "the double-backward path, where J Δz is computed on the whole batch"
+    ),
+    "unseen": (
+        "CurveBall: curvature_fraction could not cut the batch, because model_fn did not "
+        "call the module given to CurveBall with a tensor argument; J Δz is computed on the "
+        "whole batch. Call the module itself in model_fn (model(x), not model.forward(x) "
+        "or its submodules)"
+    ),
+}
+"""Warnings for a curvature mini-batch that could not be cut (a batch too small to cut
+needs none: its J Δz is exact)."""
 
 PER_GROUP = ("lr", "weight_decay")
 """Hyper-parameters that may differ between parameter groups; all others are global."""
@@ -94,6 +111,7 @@ class _Layout:
     averages: list[torch.Tensor] | None = None  # the preconditioner's v, if it is on
     workspace: Workspace | None = None  # the preconditioner's buffers, if it is on
     kept: list[torch.Tensor] | None = None  # z and w before a trial commit, if kept in buffers
+    whole_batch_jvp: bool = False  # the curvature mini-batch failed on this model: not retried
 
 
 @dataclass
@@ -108,23 +126,56 @@ class _Products:
     jdz: torch.Tensor | None = None  # with H_L JΔz, only when ρ and β are solved for
     h_jdz: torch.Tensor | None = None
     dz_scale: float = 1.0  # jdz and h_jdz belong to dz_scale · Δz
+    rows: int | None = None  # jdz holds J Δz on these leading rows only (zeros below)
     averages: list[torch.Tensor] | None = None  # the preconditioner's v after this step
 
+    def set_direction(self, jdz: torch.Tensor, rows: int | None) -> None:
+        """Keep ``JΔz`` (on the first ``rows`` rows of the predictions only, if given:
+        a curvature mini-batch) and ``H_L JΔz``."""
+        if rows is not None:
+            padded = torch.zeros_like(self.jz)
+            padded[:rows] = jdz
+            jdz = padded
+        self.jdz, self.rows = jdz, rows
+        self.h_jdz = self.loss.hvp(jdz)
+
     def curvature(self, precise: bool) -> dict[str, torch.Tensor] | None:
-        """The network-side terms of the 2×2 system (float64 accumulation if ``precise``)."""
+        """The network-side terms of the 2×2 system (float64 accumulation if ``precise``).
+
+        On a curvature mini-batch of ``r`` of the ``n`` rows, the three curvature
+        terms are the mini-batch's, times ``n / r`` (unbiased for a loss that is a
+        sum or mean over rows, as every one of :mod:`curveball.losses` is), and
+        ``J_Lᵀ(JΔz)`` is that estimate too; :class:`QuadraticModel` then takes
+        ``gᵀΔz`` from the exact identity instead (``groups["raw_dz"]``).
+        """
         if self.jdz is None or self.h_jdz is None:
             return None
         j_loss = self.loss.grad.detach()
         c = self.dz_scale  # a power of two: undoing it is exact
+        if self.rows is None:
+            return {
+                "jdz_h_jdz": dot(self.jdz, self.h_jdz, precise) / (c * c),
+                "jz_h_jdz": dot(self.jz, self.h_jdz, precise) / c,
+                "jz_h_jz": dot(self.jz, self.h_jz, precise),
+                "jl_jdz": dot(j_loss, self.jdz, precise) / c,
+                "jl_jz": dot(j_loss, self.jz, precise),
+            }
+        r = self.rows
+        weight = self.jz.shape[0] / r
+        jz, jdz, h_jdz = self.jz[:r], self.jdz[:r], self.h_jdz[:r]
         return {
-            "jdz_h_jdz": dot(self.jdz, self.h_jdz, precise) / (c * c),
-            "jz_h_jdz": dot(self.jz, self.h_jdz, precise) / c,
-            "jz_h_jz": dot(self.jz, self.h_jz, precise),
-            "jl_jdz": dot(j_loss, self.jdz, precise) / c,
+            "jdz_h_jdz": dot(jdz, h_jdz, precise) * (weight / (c * c)),
+            "jz_h_jdz": dot(jz, h_jdz, precise) * (weight / c),
+            "jz_h_jz": dot(jz, self.h_jz[:r], precise) * weight,
+            "jl_jdz": dot(j_loss[:r], jdz, precise) * (weight / c),
             "jl_jz": dot(j_loss, self.jz, precise),
         }
 
-    def rescale_dz(self, engine: JacobianEngine, dz_dz: Sequence[float]) -> None:
+    def rescale_dz(
+        self,
+        directional: Callable[[list[torch.Tensor]], tuple[torch.Tensor, int | None]],
+        dz_dz: Sequence[float],
+    ) -> None:
         """``J(cΔz)`` and ``H_L J(cΔz)`` with ``c`` a power of two making ``‖cΔz‖ ≈ 1``.
 
         ``Δz`` grows with the loss's scale and ``H_L JΔz`` with its square, which
@@ -133,8 +184,7 @@ class _Products:
         """
         norm = math.sqrt(sum(v for v in dz_dz if math.isfinite(v)) or 1.0)
         self.dz_scale = 2.0 ** -round(math.log2(norm)) if math.isfinite(norm) else 1.0
-        self.jdz = engine.jvp(torch._foreach_mul(self.dz, self.dz_scale))
-        self.h_jdz = self.loss.hvp(self.jdz)
+        self.set_direction(*directional(torch._foreach_mul(self.dz, self.dz_scale)))
 
 
 PHASES = (
@@ -211,6 +261,14 @@ class CurveBall(torch.optim.Optimizer):
             state of the inner Newton solver: once a step has carried it far off,
             the exact minimiser over span{z, d} can be arbitrarily large, and
             later steps compound it.
+        curvature_fraction: compute ``J d`` (the second forward-mode pass) on the
+            first ``⌈f n⌉`` samples of the batch only, a curvature mini-batch as in
+            Hessian-free optimisation (Martens, ICML 2010); the curvature terms of the
+            2×2 system are then estimated on it, while ``g`` and ``Δz`` stay exact,
+            and ``gᵀd`` comes from the exact identity ``gᵀd = Δzᵀd − zᵀ(G + λI)d``.
+            The batch is cut along the first dimension of the tensors the module is
+            called with (:mod:`curveball._curvature.row_subset`): the loss must be a
+            sum or mean over the predictions' rows. 1 (the paper) uses the whole batch.
         model: the module owning the parameters, when ``params`` are not a module.
         forward_mode: ``"auto"`` (forward-mode AD, falling back to double
             backward as :mod:`curveball._curvature.engine_choice` describes),
@@ -250,6 +308,7 @@ class CurveBall(torch.optim.Optimizer):
         precondition_decay: float = 0.999,
         precondition_eps: float = 1e-8,
         reject_uphill: bool = True,
+        curvature_fraction: float = 1.0,
         model: nn.Module | None = None,
         forward_mode: str = "auto",
         process_group: Any = None,
@@ -289,6 +348,7 @@ class CurveBall(torch.optim.Optimizer):
             "precondition_decay": precondition_decay,
             "precondition_eps": precondition_eps,
             "reject_uphill": reject_uphill,
+            "curvature_fraction": curvature_fraction,
         }
         _check_hyperparameters(defaults)
         defaults["lambda_thresholds"] = tuple(float(v) for v in lambda_thresholds)
@@ -572,8 +632,10 @@ class CurveBall(torch.optim.Optimizer):
         """The AD passes: ``y, Jz`` → ``J_L, H_L Jz`` → ``Δz`` → (``JΔz``, ``H_L JΔz``)."""
         zs = layout.zs
         assert zs is not None
+        # a curvature mini-batch runs the second pass afresh: nothing to keep for it
+        replayed = plan.refresh and not self._curvature_minibatch(layout)
         with record_function(PHASES[0]):
-            y, jz = engine.linearize(model_fn, zs, jvp_follows=plan.refresh)
+            y, jz = engine.linearize(model_fn, zs, jvp_follows=replayed)
         with record_function(PHASES[1]):
             psd = self.curveball_state.psd_loss and LossDerivatives.can_clamp(y)
             loss = LossDerivatives(loss_fn, y, psd=psd, upcast=plan.loss_scale is not None)
@@ -589,9 +651,41 @@ class CurveBall(torch.optim.Optimizer):
             )
         if plan.refresh:
             with record_function(PHASES[3]):
-                products.jdz = engine.jvp(dz)
-                products.h_jdz = loss.hvp(products.jdz)
+                products.set_direction(*self._directional(engine, layout, y.shape, dz))
         return products
+
+    def _curvature_minibatch(self, layout: _Layout) -> bool:
+        return self.param_groups[0]["curvature_fraction"] < 1.0 and not layout.whole_batch_jvp
+
+    def _directional(
+        self,
+        engine: JacobianEngine,
+        layout: _Layout,
+        shape: torch.Size,
+        dz: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, int | None]:
+        """``JΔz``, on a curvature mini-batch if one is asked for: then with the number of
+        leading rows of the predictions that it holds (``None``: the whole batch)."""
+        if not self._curvature_minibatch(layout):
+            return engine.jvp(dz), None
+        fraction = self.param_groups[0]["curvature_fraction"]
+        jdz, outcome = engine.jvp_leading_rows(dz, fraction)
+        if outcome != "cut":
+            if outcome in NOT_CUT:
+                self._warn_once(f"whole batch: {outcome}", NOT_CUT[outcome])
+            return jdz, None  # computed on the whole batch: exact
+        rows = leading_rows(shape, jdz.shape)
+        if rows is None:
+            layout.whole_batch_jvp = True
+            self._warn_once(
+                "whole batch: shape",
+                f"CurveBall: curvature_fraction={fraction} cut the batch along the first "
+                f"dimension of the model's arguments, but the predictions came out shaped "
+                f"{tuple(jdz.shape)} instead of leading rows of {tuple(shape)} (the batch is "
+                "not their first dimension); J Δz is computed on the whole batch from now on",
+            )
+            return engine.jvp(dz), None
+        return jdz, (rows if rows < shape[0] else None)
 
     def _backward(
         self,
@@ -638,6 +732,8 @@ class CurveBall(torch.optim.Optimizer):
         pairs = {"dz_dz": (dz, dz)}
         if plan.refresh:
             pairs.update(z_dz=(zs, dz), z_z=(zs, zs))
+            if products.rows is not None:
+                pairs["raw_dz"] = (_unpreconditioned(products, plan), dz)
             if any(group["weight_decay"] > 0 for group in self.param_groups):
                 weights = [p.detach() for p in layout.params]
                 pairs.update(w_dz=(weights, dz), w_z=(weights, zs))
@@ -646,7 +742,11 @@ class CurveBall(torch.optim.Optimizer):
             scalars = self._gather(products, layout, pairs, precise=True)
             if _overflowed(scalars) and plan.refresh:
                 # H_L JΔz itself overflowed: redo it for a rescaled Δz
-                products.rescale_dz(layout.engines.engine, scalars.groups["dz_dz"])
+                engine = layout.engines.engine
+                products.rescale_dz(
+                    lambda t: self._directional(engine, layout, products.jz.shape, t),
+                    scalars.groups["dz_dz"],
+                )
                 scalars = self._gather(products, layout, pairs, precise=True)
         products.loss.release()
         return scalars
@@ -859,6 +959,15 @@ def _rose(before: float, after: float, dtype: torch.dtype) -> bool:
     return after - before > ROUNDING_UNITS * eps * abs(before)
 
 
+def _unpreconditioned(products: _Products, plan: _Plan) -> list[torch.Tensor]:
+    """``Δz`` before the preconditioner, from ``d = Δz / (√v' + ε)``."""
+    if plan.precondition is None or products.averages is None:
+        return products.dz
+    denominators = torch._foreach_sqrt(products.averages)
+    torch._foreach_add_(denominators, plan.precondition[1])
+    return [d.to(x.dtype) * x for d, x in zip(products.dz, denominators, strict=True)]
+
+
 def _reusable(sizes: tuple[float, float] | None, hyper: dict[str, Any]) -> bool:
     """Whether the last automatic ρ and β may be reused on a step that does not solve.
 
@@ -923,6 +1032,9 @@ def _check_hyperparameters(h: dict[str, Any]) -> None:
     _check_preconditioner(h)
     if not isinstance(h["reject_uphill"], bool):
         raise ValueError(f"reject_uphill: expected True or False, got {h['reject_uphill']!r}")
+    fraction = h["curvature_fraction"]
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+        raise ValueError(f"curvature_fraction: expected a number in (0, 1], got {fraction!r}")
 
 
 def _check_preconditioner(h: dict[str, Any]) -> None:

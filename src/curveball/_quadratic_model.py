@@ -10,7 +10,11 @@ Its minimiser solves (Henriques et al., ICCV 2019, eq. 11)
     [[a11, a12], [a12, a22]] · [β, −ρ]ᵀ = [b1, b2]ᵀ
 
 with ``a11 = Δzᵀ(G + λI)Δz``, ``a12 = zᵀ(G + λI)Δz``, ``a22 = zᵀ(G + λI)z``,
-``b1 = gᵀΔz`` and ``b2 = gᵀz``. With weight decay κ (per parameter group) the
+``b1 = gᵀΔz`` and ``b2 = gᵀz``. (When ``G``'s terms are estimated on a curvature
+mini-batch, ``b1`` comes from the exact identity ``gᵀΔz = rᵀΔz − zᵀ(G + λI)Δz``
+with ``r = (G + λI) z + g`` the model's gradient at ``z``, the ``Δz`` of the step
+before preconditioning: the estimate then enters the model only through
+``a11``, ``a22`` and ``(1 − ρ) β a12``.) With weight decay κ (per parameter group) the
 gradient gains ``κ w`` and the damping ``κ``. The system is singular whenever
 ``z`` and ``Δz`` are parallel, in particular at the first step where ``z = 0``;
 the minimum-norm (pseudo-inverse) solution is then the minimiser over the line
@@ -95,11 +99,17 @@ class QuadraticModel:
                 return 0.0
             return sum(k * v for k, v in zip(weight_decays, groups[term], strict=True))
 
+        a12 = net["jz_h_jdz"] + damped("z_dz")
+        if "raw_dz" in groups:  # gᵀΔz = (the model's gradient at z)ᵀΔz − zᵀ(G + λI)Δz
+            assert scalars.curvature is not None
+            b1 = sum(groups["raw_dz"]) - scalars.curvature["jz_h_jdz"] - damped("z_dz")
+        else:
+            b1 = net["jl_jdz"] + decayed("w_dz")
         return QuadraticModel(
             a11=net["jdz_h_jdz"] + damped("dz_dz"),
-            a12=net["jz_h_jdz"] + damped("z_dz"),
+            a12=a12,
             a22=net["jz_h_jz"] + damped("z_z"),
-            b1=net["jl_jdz"] + decayed("w_dz"),
+            b1=b1,
             b2=net["jl_jz"] + decayed("w_z"),
         )
 

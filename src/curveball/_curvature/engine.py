@@ -103,6 +103,16 @@ class JacobianEngine(ABC):
     def jvp(self, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
         """``J v`` at the linearization point and batch, detached."""
 
+    def jvp_leading_rows(
+        self, tangents: Sequence[torch.Tensor], fraction: float
+    ) -> tuple[torch.Tensor, str]:
+        """``J v`` on the first ``⌈fraction · n⌉`` samples of the batch, if this engine
+        can run the model on them (:mod:`~curveball._curvature.row_subset`), and the
+        outcome: ``"cut"``, or, computed on the whole batch, ``"whole"`` (the batch
+        is too small to cut), ``"unseen"`` (the module was not called with a tensor)
+        or ``"unsupported"`` (this engine, the default, cannot cut)."""
+        return self.jvp(tangents), "unsupported"
+
     def _record_rng(self, before: bool) -> None:
         devices = {p.device for p in self.params}
         if before:

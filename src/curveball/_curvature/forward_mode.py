@@ -10,7 +10,8 @@ forward-mode pass, on detached parameters (so no graph is recorded), gives
 :class:`~curveball._curvature.lean_rules.LeanTangents`: lean rules for the
 layers that dominate a pass, replay of the first pass's primal results in the
 second, and ``torch.no_grad()`` blocks inside the model stopping tangents as
-they stop gradients.
+they stop gradients. The second pass can also run on a leading part of the
+batch only (:mod:`~curveball._curvature.row_subset`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from curveball._curvature.engine import (
 )
 from curveball._curvature.lean_rules import LeanTangents
 from curveball._curvature.module_tensors import ModuleTensors
+from curveball._curvature.row_subset import LeadingRows
 
 
 class ForwardModeEngine(JacobianEngine):
@@ -45,12 +47,19 @@ class ForwardModeEngine(JacobianEngine):
         self._predictions: torch.Tensor | None = None
         self._records: list | None = None  # primal layer outputs of the first pass
 
-    def _dual_pass(self, tangents: Sequence[torch.Tensor], first: bool, record: bool = False):
+    def _dual_pass(
+        self,
+        tangents: Sequence[torch.Tensor],
+        first: bool,
+        record: bool = False,
+        replay: bool = True,
+    ):
         assert self.tensors is not None and self._model_fn is not None
         with fwAD.dual_level() as level, torch.enable_grad():
             primals = self.params if first else [p.detach() for p in self.params]
             duals = [fwAD.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)]
-            rules = LeanTangents(level, replay=None if first else self._records, record=record)
+            records = None if first or not replay else self._records
+            rules = LeanTangents(level, replay=records, record=record)
             if first:  # real buffers, randomness as it comes
                 with self.tensors.substituted(duals), rules:
                     out = check_predictions(self._model_fn())
@@ -86,6 +95,15 @@ class ForwardModeEngine(JacobianEngine):
     def jvp(self, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
         _, tangent = self._dual_pass(tangents, first=False)
         return tangent
+
+    def jvp_leading_rows(
+        self, tangents: Sequence[torch.Tensor], fraction: float
+    ) -> tuple[torch.Tensor, str]:
+        assert self.tensors is not None
+        rows = LeadingRows(self.tensors.module, fraction)
+        with rows.active():  # the first pass's primal results belong to the whole batch
+            _, tangent = self._dual_pass(tangents, first=False, replay=False)
+        return tangent, rows.outcome
 
     def finish(self) -> None:
         self._predictions = None

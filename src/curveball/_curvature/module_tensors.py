@@ -31,6 +31,7 @@ class ModuleTensors:
     """
 
     def __init__(self, module: nn.Module, params: Sequence[torch.Tensor]) -> None:
+        self.module = module
         index = {id(p): i for i, p in enumerate(params)}
         self.param_slots: list[list[Slot]] = [[] for _ in params]
         self.buffer_slots: list[Slot] = []
