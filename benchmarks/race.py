@@ -22,12 +22,14 @@ LSTM character-level language model on the Python standard library's source
 (read at run time). Contenders: CurveBall at its defaults, ``curveball-paper``
 with ``curveball.PAPER_DEFAULTS`` (the authors' method: no preconditioner, λ
 starting at 1), ``curveball-lm`` with a faster Levenberg-Marquardt damping rule,
-``curveball-lazy`` solving for ρ and β on every 5th step only, and
-``curveball-tuned`` with its initial λ chosen from a grid by the same pre-run as
-the first-order learning rates (every CurveBall uses the closed-form
-``curveball.losses.cross_entropy``); SGD with momentum 0.9, Adam and AdamW at
-their best learning rate; HeavyBall's SOAP and PSGD-Kron, pytorch-optimizer's
-SophiaH, AdaHessian and Shampoo at their documented defaults.
+``curveball-lazy`` solving for ρ and β on every 5th step only,
+``curveball-minibatch`` computing the second forward-mode pass on a quarter of
+the batch (``curvature_fraction=0.25``), and ``curveball-tuned`` with its
+initial λ chosen from a grid by the same pre-run as the first-order learning
+rates (every CurveBall uses the closed-form ``curveball.losses.cross_entropy``);
+SGD with momentum 0.9, Adam and AdamW at their best learning rate; HeavyBall's
+SOAP and PSGD-Kron, pytorch-optimizer's SophiaH, AdaHessian and Shampoo at their
+documented defaults.
 
 Example::
 
@@ -231,8 +233,9 @@ CURVEBALL_OPTIONS = {
 }
 """CurveBall contenders by their constructor keywords. ``curveball-lazy`` solves for ρ and β
 only on the trust-region test steps (every 5th), skipping the second forward-mode pass on
-the others; ``curveball-tuned`` (not here) picks its initial λ from ``LR_GRIDS`` like the
-first-order optimizers pick their learning rate."""
+the others; ``curveball-minibatch`` estimates the curvature terms of the 2×2 system on the
+first quarter of the batch; ``curveball-tuned`` (not here) picks its initial λ from
+``LR_GRIDS`` like the first-order optimizers pick their learning rate."""
 
 CONTENDERS = ("curveball", "curveball-paper", "curveball-lm", "curveball-lazy",
               "curveball-minibatch", "curveball-tuned", "sgd", "adam", "adamw", "soap",
