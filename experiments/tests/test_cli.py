@@ -168,7 +168,8 @@ def test_curveball_options_reach_every_curveball_and_the_report(
     assert len(built) > 1 and all(kwargs == expected for kwargs in built)
     notes = " ".join(json.loads((tmp_path / "linear" / "results.json").read_text())["notes"])
     assert "except lambd=0.5, lambda_thresholds=(0.25, 0.75)" in notes
-    assert "defaults (lr=1.0, lambd=0.1, precondition=True, automatic rho and beta)" in notes
+    shown = "lr=1.0, lambd=0.1, precondition=True, reject_uphill=True"  # lr, then not the paper's
+    assert f"defaults ({shown}, automatic rho and beta)" in notes
     built.clear()
     assert main(argv) == 0  # the next run is back at the defaults
     assert built and all(kwargs == {} for kwargs in built)

@@ -242,10 +242,11 @@ def curveball_description() -> str:
     """How CurveBall is set up in this run, for the reports."""
     import inspect
 
-    from curveball import CurveBall
+    from curveball import PAPER_DEFAULTS, CurveBall
 
     defaults = inspect.signature(CurveBall).parameters
-    shown = ("lr", "lambd", "precondition")
+    # lr, and every default that is not the paper's
+    shown = ["lr"] + [k for k, v in PAPER_DEFAULTS.items() if defaults[k].default != v]
     text = ", ".join(f"{k}={defaults[k].default!r}" for k in shown)
     text = f"defaults ({text}, automatic rho and beta)"
     if not CURVEBALL_OPTIONS:
