@@ -163,3 +163,39 @@ def test_bad_fractions_are_refused_by_name(value):
 
 def test_the_paper_uses_the_whole_batch():
     assert PAPER_DEFAULTS["curvature_fraction"] == 1.0
+
+
+class _Broadcast(nn.Module):
+    """All of its predictions' rows come from a parameter, whatever the batch: they are
+    not rows of the batch, though the batch is cut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = nn.Parameter(torch.randn(8, 3, dtype=torch.float64))
+        self.scale = nn.Linear(5, 1).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows * self.scale(x).mean()
+
+
+def test_predictions_that_keep_every_row_of_a_cut_batch_warn_and_use_the_whole_batch():
+    _, x, t = CASES["mlp"].make(8, batch=8)
+    torch.manual_seed(0)
+    whole = _step_pair(_Broadcast, 1.0, lambda m, x: lambda: m(x), cross_entropy, x, t)
+    torch.manual_seed(0)
+    with pytest.warns(RuntimeWarning, match="not their first dimension"):
+        cut = _step_pair(_Broadcast, 0.5, lambda m, x: lambda: m(x), cross_entropy, x, t)
+    torch.testing.assert_close(cut, whole, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_parameters_step_on_a_curvature_minibatch(dtype):
+    model, x, t = CASES["mlp"].make(9, batch=16)
+    model, x = model.to(dtype), x.to(dtype)
+    before = flat_params(model).clone()
+    opt = CurveBall(model, curvature_fraction=0.25)
+    for _ in range(3):
+        loss, _ = opt.step(lambda: model(x), cross_entropy(t))
+        assert torch.isfinite(loss) and not opt.last.skipped, opt.last
+    after = flat_params(model)
+    assert after.dtype == dtype and torch.isfinite(after).all() and not torch.equal(after, before)

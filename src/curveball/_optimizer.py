@@ -675,7 +675,7 @@ class CurveBall(torch.optim.Optimizer):
                 self._warn_once(f"whole batch: {outcome}", NOT_CUT[outcome])
             return jdz, None  # computed on the whole batch: exact
         rows = leading_rows(shape, jdz.shape)
-        if rows is None:
+        if rows is None or rows == shape[0]:  # all n rows from a cut batch: not rows of it
             layout.whole_batch_jvp = True
             self._warn_once(
                 "whole batch: shape",
@@ -685,7 +685,7 @@ class CurveBall(torch.optim.Optimizer):
                 "not their first dimension); J Δz is computed on the whole batch from now on",
             )
             return engine.jvp(dz), None
-        return jdz, (rows if rows < shape[0] else None)
+        return jdz, rows
 
     def _backward(
         self,
