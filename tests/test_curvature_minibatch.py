@@ -111,31 +111,60 @@ class _Transposed(nn.Module):
         return self.net(x).T
 
 
-def _step_pair(make_model, fraction: float, model_fn_of, loss_of, x, t):
-    model = make_model()
-    opt = CurveBall(model, curvature_fraction=fraction)
-    for _ in range(3):
-        opt.step(model_fn_of(model, x), loss_of(t))
-    return flat_params(model)
+class _Broadcast(nn.Module):
+    """All of its predictions' rows come from a parameter, whatever the batch: they are
+    not rows of the batch, though the batch is cut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = nn.Parameter(torch.randn(8, 3, dtype=torch.float64))
+        self.scale = nn.Linear(5, 1).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows * self.scale(x).mean()
 
 
-def test_predictions_without_leading_batch_rows_warn_and_use_the_whole_batch():
+def _mlp() -> nn.Module:
+    return CASES["mlp"].make(5, batch=1)[0]
+
+
+def _called(m: nn.Module, x: torch.Tensor):
+    return lambda: m(x)
+
+
+def _bypassed(m: nn.Module, x: torch.Tensor):
+    return lambda: m.forward(x)
+
+
+def _transposed_loss(t: torch.Tensor):
+    return lambda y: cross_entropy(t)(y.T)
+
+
+@pytest.mark.parametrize(
+    ("make", "model_fn_of", "loss_of", "message"),
+    [
+        (_Transposed, _called, _transposed_loss, "not their first dimension"),
+        (_Broadcast, _called, cross_entropy, "not their first dimension"),
+        (_mlp, _bypassed, cross_entropy, "did not call the module"),
+    ],
+    ids=["batch-second", "rows-not-of-the-batch", "module-bypassed"],
+)
+def test_a_batch_that_cannot_be_cut_warns_and_the_whole_batch_is_used(
+    make, model_fn_of, loss_of, message
+):
     _, x, t = CASES["mlp"].make(4, batch=8)
-    loss_of = lambda t: lambda y: cross_entropy(t)(y.T)  # noqa: E731
-    model_fn_of = lambda m, x: lambda: m(x)  # noqa: E731
-    whole = _step_pair(_Transposed, 1.0, model_fn_of, loss_of, x, t)
-    with pytest.warns(RuntimeWarning, match="not their first dimension"):
-        cut = _step_pair(_Transposed, 0.5, model_fn_of, loss_of, x, t)
-    torch.testing.assert_close(cut, whole, rtol=1e-12, atol=1e-14)
 
+    def run(fraction: float) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = make()
+        opt = CurveBall(model, curvature_fraction=fraction)
+        for _ in range(3):
+            opt.step(model_fn_of(model, x), loss_of(t))
+        return flat_params(model)
 
-def test_a_model_fn_that_bypasses_the_module_warns_and_uses_the_whole_batch():
-    _, x, t = CASES["mlp"].make(5, batch=8)
-    make = lambda: CASES["mlp"].make(5, batch=1)[0]  # noqa: E731
-    model_fn_of = lambda m, x: lambda: m.forward(x)  # noqa: E731
-    whole = _step_pair(make, 1.0, model_fn_of, cross_entropy, x, t)
-    with pytest.warns(RuntimeWarning, match="did not call the module"):
-        cut = _step_pair(make, 0.5, model_fn_of, cross_entropy, x, t)
+    whole = run(1.0)
+    with pytest.warns(RuntimeWarning, match=message):
+        cut = run(0.5)
     torch.testing.assert_close(cut, whole, rtol=1e-12, atol=1e-14)
 
 
@@ -163,29 +192,6 @@ def test_bad_fractions_are_refused_by_name(value):
 
 def test_the_paper_uses_the_whole_batch():
     assert PAPER_DEFAULTS["curvature_fraction"] == 1.0
-
-
-class _Broadcast(nn.Module):
-    """All of its predictions' rows come from a parameter, whatever the batch: they are
-    not rows of the batch, though the batch is cut."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows = nn.Parameter(torch.randn(8, 3, dtype=torch.float64))
-        self.scale = nn.Linear(5, 1).double()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rows * self.scale(x).mean()
-
-
-def test_predictions_that_keep_every_row_of_a_cut_batch_warn_and_use_the_whole_batch():
-    _, x, t = CASES["mlp"].make(8, batch=8)
-    torch.manual_seed(0)
-    whole = _step_pair(_Broadcast, 1.0, lambda m, x: lambda: m(x), cross_entropy, x, t)
-    torch.manual_seed(0)
-    with pytest.warns(RuntimeWarning, match="not their first dimension"):
-        cut = _step_pair(_Broadcast, 0.5, lambda m, x: lambda: m(x), cross_entropy, x, t)
-    torch.testing.assert_close(cut, whole, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
