@@ -12,8 +12,8 @@ Its minimiser solves (Henriques et al., ICCV 2019, eq. 11)
 with ``a11 = Δzᵀ(G + λI)Δz``, ``a12 = zᵀ(G + λI)Δz``, ``a22 = zᵀ(G + λI)z``,
 ``b1 = gᵀΔz`` and ``b2 = gᵀz``. (When ``G``'s terms are estimated on a curvature
 mini-batch, ``b1`` comes from the exact identity ``gᵀΔz = rᵀΔz − zᵀ(G + λI)Δz``
-with ``r = (G + λI) z + g`` the model's gradient at ``z``, the ``Δz`` of the step
-before preconditioning: the estimate then enters the model only through
+with ``r = (G + λI) z + g`` the model's gradient at ``z`` (the step's ``Δz`` before
+preconditioning): the estimate then enters the model only through
 ``a11``, ``a22`` and ``(1 − ρ) β a12``.) With weight decay κ (per parameter group) the
 gradient gains ``κ w`` and the damping ``κ``. The system is singular whenever
 ``z`` and ``Δz`` are parallel, in particular at the first step where ``z = 0``;
