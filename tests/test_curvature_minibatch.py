@@ -205,3 +205,17 @@ def test_half_precision_parameters_step_on_a_curvature_minibatch(dtype):
         assert torch.isfinite(loss) and not opt.last.skipped, opt.last
     after = flat_params(model)
     assert after.dtype == dtype and torch.isfinite(after).all() and not torch.equal(after, before)
+
+
+def test_with_dropout_the_random_stream_after_a_step_is_the_whole_batch_runs():
+    # the cut pass draws masks for fewer samples, but the generators are left where the
+    # first pass left them: the caller's random stream does not depend on the cut
+    _, x, t = CASES["mlp"].make(10, batch=8)
+    draws = []
+    for fraction in (1.0, 0.25):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 3))
+        opt = CurveBall(model.double(), curvature_fraction=fraction)
+        opt.step(lambda model=model: model(x), cross_entropy(t))
+        draws.append(torch.rand(4))
+    torch.testing.assert_close(draws[1], draws[0], rtol=0, atol=0)

@@ -268,7 +268,9 @@ class CurveBall(torch.optim.Optimizer):
             and ``gᵀd`` comes from the exact identity ``gᵀd = Δzᵀd − zᵀ(G + λI)d``.
             The batch is cut along the first dimension of the tensors the module is
             called with (:mod:`curveball._curvature.row_subset`): the loss must be a
-            sum or mean over the predictions' rows. 1 (the paper) uses the whole batch.
+            sum or mean over the predictions' rows. With dropout, the cut pass draws its
+            own masks (the first pass's cannot be cut to fewer samples). 1 (the paper)
+            uses the whole batch.
         model: the module owning the parameters, when ``params`` are not a module.
         forward_mode: ``"auto"`` (forward-mode AD, falling back to double
             backward as :mod:`curveball._curvature.engine_choice` describes),

@@ -120,3 +120,33 @@ def test_gradient_accumulation_is_refused_with_a_reason(tmp_path):
             args=arguments(tmp_path, gradient_accumulation_steps=2),
             train_dataset=Tokens(),
         )
+
+
+def test_a_curvature_minibatch_cuts_a_models_keyword_inputs():
+    """GPT-2 called with keyword tensors: on a batch of one half twice, the cut second
+    pass gives the whole batch's step sizes (the 2×2 system's curvature is the same)."""
+    from curveball import CurveBall
+    from curveball.losses import cross_entropy
+
+    ids = torch.randint(0, VOCAB, (3, SEQ), generator=torch.Generator().manual_seed(1))
+    ids = torch.cat([ids, ids])
+    mask = torch.ones_like(ids)
+
+    def sizes(fraction: float) -> tuple[list[tuple[float, float]], list[int]]:
+        model = gpt2().double().eval()  # no dropout: a cut pass draws other masks
+        seen: list[int] = []
+        model.transformer.h[0].register_forward_pre_hook(lambda _, a: seen.append(a[0].shape[0]))
+        opt = CurveBall(model, curvature_fraction=fraction)
+        out = []
+        for _ in range(3):
+            opt.step(
+                lambda: model(input_ids=ids, attention_mask=mask).logits.flatten(0, 1),
+                cross_entropy(ids.flatten()),
+            )
+            out.append((opt.last.rho, opt.last.beta))
+        return out, seen
+
+    whole, _ = sizes(1.0)
+    cut, seen = sizes(0.5)
+    assert seen == [6, 3] * 3
+    torch.testing.assert_close(torch.tensor(cut), torch.tensor(whole), rtol=1e-9, atol=1e-12)

@@ -8,7 +8,9 @@ tensor argument's to its first ``⌈f n⌉`` entries. The predictions then are t
 leading rows of the whole batch's predictions: for a model that treats the
 samples of its batch independently exactly those rows (for batch normalisation
 in training mode, the same rows with the statistics of the smaller batch), and
-for a causal sequence model fed time-first, the first time steps.
+for a causal sequence model fed time-first, the first time steps. Random draws
+(dropout) start from the same generator state as the first pass's but are drawn
+for fewer samples, so they are other masks, not the first pass's rows.
 """
 
 from __future__ import annotations
