@@ -21,7 +21,8 @@ official test files under ``--data-dir``), and a small causal transformer and an
 LSTM character-level language model on the Python standard library's source
 (read at run time). Contenders: CurveBall at its defaults, ``curveball-paper``
 with ``curveball.PAPER_DEFAULTS`` (the authors' method: no preconditioner, λ
-starting at 1), ``curveball-lm`` with a faster Levenberg-Marquardt damping rule,
+starting at 1), ``curveball-lm`` with a faster Levenberg-Marquardt damping rule
+(``curveball-lm-floor``: with ``lambda_min=0.03`` too),
 ``curveball-lazy`` solving for ρ and β on every 5th step only,
 ``curveball-minibatch`` computing the second forward-mode pass on a quarter of
 the batch (``curvature_fraction=0.25``), and ``curveball-tuned`` with its
@@ -230,16 +231,18 @@ CURVEBALL_OPTIONS = {
     "curveball-lm": LM_DAMPING,
     "curveball-lazy": {"step_size_interval": 5},
     "curveball-minibatch": {"curvature_fraction": 0.25},
+    "curveball-lm-floor": {**LM_DAMPING, "lambda_min": 0.03},
 }
 """CurveBall contenders by their constructor keywords. ``curveball-lazy`` solves for ρ and β
 only on the trust-region test steps (every 5th), skipping the second forward-mode pass on
 the others; ``curveball-minibatch`` estimates the curvature terms of the 2×2 system on the
-first quarter of the batch; ``curveball-tuned`` (not here) picks its initial λ from
-``LR_GRIDS`` like the first-order optimizers pick their learning rate."""
+first quarter of the batch; ``curveball-lm-floor`` is ``curveball-lm`` with λ kept at 0.03
+or above; ``curveball-tuned`` (not here) picks its initial λ from ``LR_GRIDS`` like the
+first-order optimizers pick their learning rate."""
 
 CONTENDERS = ("curveball", "curveball-paper", "curveball-lm", "curveball-lazy",
-              "curveball-minibatch", "curveball-tuned", "sgd", "adam", "adamw", "soap",
-              "psgd-kron", "sophiah", "adahessian", "shampoo")  # fmt: skip
+              "curveball-minibatch", "curveball-lm-floor", "curveball-tuned", "sgd", "adam",
+              "adamw", "soap", "psgd-kron", "sophiah", "adahessian", "shampoo")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ the race

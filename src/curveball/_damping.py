@@ -50,6 +50,7 @@ def adjust_damping(
     ratio: float | None,
     thresholds: tuple[float, float] = (0.5, 1.5),
     omega: float = 0.999**5,
+    minimum: float = 0.0,
 ) -> float:
     """The new damping after a trust-ratio test.
 
@@ -59,6 +60,7 @@ def adjust_damping(
             a non-finite ratio counts as a failed test).
         thresholds: ``(low, high)``: λ grows below ``low`` and shrinks above ``high``.
         omega: the factor ``ω ∈ (0, 1]``.
+        minimum: λ does not shrink below this (it is not raised to it either).
     """
     low, high = thresholds
     if ratio is None:
@@ -66,7 +68,7 @@ def adjust_damping(
     if not math.isfinite(ratio) or ratio < low:
         return raise_damping(lambd, omega)
     if ratio > high:
-        return lambd * omega
+        return max(lambd * omega, min(minimum, lambd))
     return lambd
 
 

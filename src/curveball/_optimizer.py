@@ -51,6 +51,7 @@ PAPER_DEFAULTS: dict[str, Any] = {
     "lambda_factor": 0.999,
     "lambda_thresholds": (0.5, 1.5),
     "lambda_interval": 5,
+    "lambda_min": 0.0,
     "weight_decay": 0.0,
     "step_size_interval": 1,
     "precondition": False,
@@ -271,6 +272,8 @@ class CurveBall(torch.optim.Optimizer):
             sum or mean over the predictions' rows. With dropout, the cut pass draws its
             own masks (the first pass's cannot be cut to fewer samples). 1 (the paper)
             uses the whole batch.
+        lambda_min: the trust-region rule does not shrink λ below this (0: no
+            floor; the initial λ may be lower, and rejections and skips still raise it).
         model: the module owning the parameters, when ``params`` are not a module.
         forward_mode: ``"auto"`` (forward-mode AD, falling back to double
             backward as :mod:`curveball._curvature.engine_choice` describes),
@@ -311,6 +314,7 @@ class CurveBall(torch.optim.Optimizer):
         precondition_eps: float = 1e-8,
         reject_uphill: bool = True,
         curvature_fraction: float = 1.0,
+        lambda_min: float = 0.0,
         model: nn.Module | None = None,
         forward_mode: str = "auto",
         process_group: Any = None,
@@ -351,6 +355,7 @@ class CurveBall(torch.optim.Optimizer):
             "precondition_eps": precondition_eps,
             "reject_uphill": reject_uphill,
             "curvature_fraction": curvature_fraction,
+            "lambda_min": lambda_min,
         }
         _check_hyperparameters(defaults)
         defaults["lambda_thresholds"] = tuple(float(v) for v in lambda_thresholds)
@@ -903,7 +908,9 @@ class CurveBall(torch.optim.Optimizer):
             return self._skip(replace(info, reason="non-finite trial loss"), undo)
         ratio = _damping.trust_ratio(trial_value - info.loss, info.predicted_change)
         omega = _damping.omega(hyper["lambda_factor"], hyper["lambda_interval"])
-        lambd = _damping.adjust_damping(info.lambd, ratio, hyper["lambda_thresholds"], omega)
+        lambd = _damping.adjust_damping(
+            info.lambd, ratio, hyper["lambda_thresholds"], omega, hyper["lambda_min"]
+        )
         rejected = hyper["reject_uphill"] and _rose(info.loss, trial_value, trial.dtype)
         if rejected:
             lambd = _damping.after_rejection(lambd)
@@ -1012,7 +1019,7 @@ def _engine_name(engine: JacobianEngine) -> str:
 
 def _check_hyperparameters(h: dict[str, Any]) -> None:
     """Clear errors for out-of-range hyper-parameters (of the constructor or a group)."""
-    for name in ("lr", "lambd", "weight_decay"):
+    for name in ("lr", "lambd", "weight_decay", "lambda_min"):
         value = h[name]
         if not isinstance(value, int | float) or not value >= 0.0 or not math.isfinite(value):
             raise ValueError(f"{name}: expected a finite value >= 0, got {value!r}")
