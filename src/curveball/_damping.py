@@ -13,6 +13,7 @@ skipped (a non-finite value) counts as a failed test. A multiplicative rule
 never leaves ``λ = 0``, so growth from zero starts at :data:`LAMBDA_FLOOR`.
 With ``reject_uphill`` (a default, not the paper's), a test that finds the loss
 risen (``r < 0``) also rejects the step, and λ doubles (:func:`after_rejection`).
+``lambda_min`` (an option) is a floor that the shrinking stops at.
 """
 
 from __future__ import annotations
