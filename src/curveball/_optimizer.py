@@ -129,6 +129,7 @@ class _Products:
     dz_scale: float = 1.0  # jdz and h_jdz belong to dz_scale · Δz
     rows: int | None = None  # jdz holds J Δz on these leading rows only (zeros below)
     averages: list[torch.Tensor] | None = None  # the preconditioner's v after this step
+    denominators: list[torch.Tensor] | None = None  # its √v + ε: d = Δz / (√v + ε)
 
     def set_direction(self, jdz: torch.Tensor, rows: int | None) -> None:
         """Keep ``JΔz`` (on the first ``rows`` rows of the predictions only, if given:
@@ -653,7 +654,7 @@ class CurveBall(torch.optim.Optimizer):
         products = _Products(y, loss, dz, jz, h_jz)
         if plan.precondition is not None:  # from here on, "Δz" is the direction d = P Δz
             assert layout.averages is not None
-            products.averages = precondition_(
+            products.averages, products.denominators = precondition_(
                 dz, layout.averages, *plan.precondition, layout.workspace
             )
         if plan.refresh:
@@ -740,7 +741,7 @@ class CurveBall(torch.optim.Optimizer):
         if plan.refresh:
             pairs.update(z_dz=(zs, dz), z_z=(zs, zs))
             if products.rows is not None:
-                pairs["raw_dz"] = (_unpreconditioned(products, plan), dz)
+                pairs["raw_dz"] = (_unpreconditioned(products), dz)
             if any(group["weight_decay"] > 0 for group in self.param_groups):
                 weights = [p.detach() for p in layout.params]
                 pairs.update(w_dz=(weights, dz), w_z=(weights, zs))
@@ -968,13 +969,11 @@ def _rose(before: float, after: float, dtype: torch.dtype) -> bool:
     return after - before > ROUNDING_UNITS * eps * abs(before)
 
 
-def _unpreconditioned(products: _Products, plan: _Plan) -> list[torch.Tensor]:
+def _unpreconditioned(products: _Products) -> list[torch.Tensor]:
     """``Δz`` before the preconditioner, from ``d = Δz / (√v' + ε)``."""
-    if plan.precondition is None or products.averages is None:
+    if products.denominators is None:
         return products.dz
-    denominators = torch._foreach_sqrt(products.averages)
-    torch._foreach_add_(denominators, plan.precondition[1])
-    return [d.to(x.dtype) * x for d, x in zip(products.dz, denominators, strict=True)]
+    return [d.to(x.dtype) * x for d, x in zip(products.dz, products.denominators, strict=True)]
 
 
 def _reusable(sizes: tuple[float, float] | None, hyper: dict[str, Any]) -> bool:

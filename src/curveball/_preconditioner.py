@@ -58,15 +58,15 @@ def precondition_(
     decay: float,
     eps: float,
     workspace: Workspace | None = None,
-) -> list[torch.Tensor]:
-    """Turn ``Δz`` into ``d = Δz / (√v' + ε)`` in place and return ``v'``.
+) -> Workspace:
+    """Turn ``Δz`` into ``d = Δz / (√v' + ε)`` in place and return ``v'`` and ``√v' + ε``.
 
     Args:
         dz: ``Δz``, one tensor per parameter; overwritten with ``d``.
         averages: the current ``v`` (left unchanged).
         decay: γ in ``v' = γ v + (1 − γ) Δz²``.
         eps: ε, added to ``√v'``.
-        workspace: from :func:`workspace_like`; ``v'`` is its first list. Without it,
+        workspace: from :func:`workspace_like`; ``v'`` and ``√v' + ε`` are its lists. Without it,
             new tensors are allocated (element-wise passes over freshly allocated
             parameter-sized tensors cost several times more on a CPU).
     """
@@ -88,4 +88,4 @@ def precondition_(
     else:
         for d, w, denominator in zip(dz, wide, denominators, strict=True):
             d.copy_(w / denominator)
-    return updated
+    return updated, denominators
