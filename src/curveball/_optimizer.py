@@ -153,17 +153,10 @@ class _Products:
         if self.jdz is None or self.h_jdz is None:
             return None
         j_loss = self.loss.grad.detach()
-        c = self.dz_scale  # a power of two: undoing it is exact
-        if self.rows is None:
-            return {
-                "jdz_h_jdz": dot(self.jdz, self.h_jdz, precise) / (c * c),
-                "jz_h_jdz": dot(self.jz, self.h_jdz, precise) / c,
-                "jz_h_jz": dot(self.jz, self.h_jz, precise),
-                "jl_jdz": dot(j_loss, self.jdz, precise) / c,
-                "jl_jz": dot(j_loss, self.jz, precise),
-            }
-        r = self.rows
-        weight = self.jz.shape[0] / r
+        n = self.jz.shape[0]
+        r = n if self.rows is None else self.rows
+        # on the whole batch: weight 1 and c a power of two, so the scaling is exact
+        weight, c = n / r, self.dz_scale
         jz, jdz, h_jdz = self.jz[:r], self.jdz[:r], self.h_jdz[:r]
         return {
             "jdz_h_jdz": dot(jdz, h_jdz, precise) * (weight / (c * c)),
