@@ -8,6 +8,8 @@ primal tensors, and must fall back to computing when a record is stale.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -288,6 +290,35 @@ def test_attention_rule_equals_the_math_backend(name, tangent_of):
         LeanTangents(0, replay=rules.records),
     )
     assert torch.equal(replayed[1], ours[1])
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_attention_fully_masked_rows_give_zeros(kind):
+    """A query row with every key masked attends to nothing (output and tangent 0), as
+    PyTorch's fused kernels give; the other rows are the math backend's."""
+    primals = [randn(2, 3, 5, 4), randn(2, 3, 6, 4), randn(2, 3, 6, 4)]
+    tangents = [randn(*p.shape) for p in primals]
+    allowed = torch.ones(5, 6, dtype=torch.bool)
+    allowed[2] = False
+    allowed[4, :3] = False
+    mask = (
+        allowed
+        if kind == "bool"
+        else torch.zeros(5, 6, dtype=torch.float64).masked_fill_(~allowed, -math.inf)
+    )
+    ours = run(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        primals,
+        tangents,
+        LeanTangents(0),
+    )
+    assert torch.equal(ours[0][..., 2, :], torch.zeros(2, 3, 4))
+    assert torch.equal(ours[1][..., 2, :], torch.zeros(2, 3, 4))
+    rows = [0, 1, 3, 4]
+    theirs = run(math_attention(attn_mask=mask[rows]), [primals[0][..., rows, :], *primals[1:]],
+                 [tangents[0][..., rows, :], *tangents[1:]])  # fmt: skip
+    torch.testing.assert_close(ours[0][..., rows, :], theirs[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours[1][..., rows, :], theirs[1], rtol=1e-12, atol=1e-12)
 
 
 def test_attention_dropout_uses_one_mask_for_the_primal_and_every_tangent():

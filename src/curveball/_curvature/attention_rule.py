@@ -79,6 +79,24 @@ def _scale(call: AttentionCall, query: torch.Tensor) -> float:
     return call.scale if call.scale is not None else 1.0 / math.sqrt(query.size(-1))
 
 
+def _causal_mask(s: torch.Tensor) -> torch.Tensor:
+    """``0`` on and below the diagonal of the last two dimensions, ``−∞`` above it."""
+    rows, cols = s.shape[-2:]
+    return torch.full((rows, cols), -math.inf, dtype=s.dtype, device=s.device).triu_(1)
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (``True``: attend) as ``0``/``−∞``; an additive one as it is."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
+
+
+def _broadcasts(mask: torch.Tensor, s: torch.Tensor) -> bool:
+    """Whether ``s + mask`` has the shape of ``s`` (so ``s`` can take it in place)."""
+    return torch.broadcast_shapes(mask.shape, s.shape) == s.shape
+
+
 def attention_primal(
     call: AttentionCall,
     q: torch.Tensor,
@@ -93,22 +111,16 @@ def attention_primal(
     """
     groups = _head_groups(call, q, k)
     k, v = _repeat_heads(k, groups), _repeat_heads(v, groups)
-    s = (q @ k.transpose(-2, -1)) * _scale(call, q)
-    masked = False
+    # in place: neither the product's nor the scaling's backward needs s, nor an addition's
+    s = (q @ k.transpose(-2, -1)).mul_(_scale(call, q))
     if call.is_causal:
-        causal = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
-        s = s.masked_fill(~causal, -math.inf)
-        masked = True
+        s = s.add_(_causal_mask(s))
     if mask is not None:
-        if mask.dtype == torch.bool:
-            s = s.masked_fill(~mask, -math.inf)
-            masked = True
-        else:
-            s = s + mask
-            masked = True  # the additive mask may hold -inf
+        additive = _additive(mask, s.dtype)
+        s = s.add_(additive) if _broadcasts(additive, s) else s + additive
     p = torch.softmax(s, dim=-1)
-    if masked:  # a fully masked row attends to nothing, as PyTorch's own kernels do
-        p = torch.nan_to_num(p, nan=0.0)
+    if mask is not None:  # a fully masked row attends to nothing, as PyTorch's own kernels do
+        p = torch.nan_to_num(p, nan=0.0)  # (a causal mask alone leaves every row a key)
     keep = None
     if call.dropout_p > 0.0:
         keep = torch.empty_like(p).bernoulli_(1.0 - call.dropout_p).div_(1.0 - call.dropout_p)
