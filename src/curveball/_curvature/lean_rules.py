@@ -26,9 +26,13 @@ does it more cheaply, with identical results:
   (:mod:`~curveball._curvature.normalization_rule`).
 * Scaled dot-product attention (``F.scaled_dot_product_attention``), whose
   fused kernels have no forward-mode formula, gets the closed-form tangent of
-  :mod:`~curveball._curvature.attention_rule`. ``nn.MultiheadAttention`` runs
-  its explicit path (``need_weights=True``, the weights then dropped): inside a
-  function it dispatches, the mode sees no further calls, and that path has
+  :mod:`~curveball._curvature.attention_rule`. ``nn.MultiheadAttention``'s
+  function is rebuilt from ``F.linear`` and ``F.scaled_dot_product_attention``
+  (:mod:`~curveball._curvature.multi_head_rule`) while the mode is active, so
+  that its projections and its attention get the rules here and replay too; a
+  call that module does not accept (``need_weights=True``, ``bias_k``, zero
+  attention, unbatched input) runs PyTorch's explicit path (the weights dropped
+  if they were not asked for), whose inside the mode does not see and which has
   PyTorch's own forward-mode formulas. (While the mode is active, PyTorch's
   fused inference paths of ``nn.MultiheadAttention`` and
   ``nn.TransformerEncoderLayer`` are not taken, as for any tensor with a
@@ -72,6 +76,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
+from curveball._curvature import multi_head_rule
 from curveball._curvature.attention_rule import (
     AttentionCall,
     attention_primal,
@@ -405,6 +410,10 @@ class LeanTangents(TorchFunctionMode):
         )
 
     def _multi_head_attention(self, func, args: tuple, kwargs: dict):
+        call = multi_head_rule.bind(args, kwargs)
+        if call is not None and multi_head_rule.supported(call):
+            with self:  # the mode sees the projections and the attention of this rebuilt call
+                return multi_head_rule.multi_head_attention(call)
         if len(args) > _NEED_WEIGHTS:
             wanted = bool(args[_NEED_WEIGHTS])
             args = (*args[:_NEED_WEIGHTS], True, *args[_NEED_WEIGHTS + 1 :])
@@ -413,5 +422,5 @@ class LeanTangents(TorchFunctionMode):
             kwargs = {**kwargs, "need_weights": True}
         if wanted:
             return None
-        out, _ = func(*args, **kwargs)
+        out, _ = func(*args, **kwargs)  # the explicit path, with PyTorch's own formulas
         return out, None
