@@ -50,7 +50,7 @@ CASES = {
             x,
             x,
             {
-                "attn_mask": nn.Transformer.generate_square_subsequent_mask(L, dtype=x.dtype),
+                "attn_mask": causal_bool(),
                 "is_causal": True,
                 "key_padding_mask": padding()[:, :L],
             },
@@ -91,25 +91,8 @@ CASES = {
 }
 
 
-def run_attention(module: nn.MultiheadAttention, inputs, rules, tangents=None):
-    """The attention's output (primal, tangent) for tangents of its parameters."""
-    q, k, v, kwargs = inputs
-    names = [n for n, _ in module.named_parameters()]
-    primals = [p.detach() for p in module.parameters()]
-    tangents = tangents or [randn(*p.shape) for p in primals]
-
-    def call(*weights):
-        params = dict(zip(names, weights, strict=True))
-        kw = {**kwargs, "need_weights": False}
-        return torch.func.functional_call(module, params, (q, k, v), kw)
-
-    primal, tangent = run_dual(call, primals, tangents, rules)
-    return primal[0], tangent[0], tangents
-
-
-def builtin(module, inputs, tangents):
-    """PyTorch's own result: its explicit attention path (no dropout, training mode so
-    that no fused inference kernel is taken), differentiated by ``torch.func.jvp``."""
+def functional(module: nn.MultiheadAttention, inputs):
+    """The attention's output as a function of its parameters."""
     q, k, v, kwargs = inputs
     names = [n for n, _ in module.named_parameters()]
 
@@ -118,9 +101,23 @@ def builtin(module, inputs, tangents):
         kw = {**kwargs, "need_weights": False}
         return torch.func.functional_call(module, params, (q, k, v), kw)[0]
 
+    return call
+
+
+def run_attention(module: nn.MultiheadAttention, inputs, rules):
+    """The output (primal, tangent) under ``rules`` for random tangents of the parameters."""
+    primals = [p.detach() for p in module.parameters()]
+    tangents = [randn(*p.shape) for p in primals]
+    primal, tangent = run_dual(functional(module, inputs), primals, tangents, rules)
+    return primal[0], tangent[0], tangents
+
+
+def builtin(module, inputs, tangents):
+    """PyTorch's own result: its explicit attention path (no dropout, training mode so
+    that no fused inference kernel is taken), differentiated by ``torch.func.jvp``."""
     primals = tuple(p.detach() for p in module.parameters())
     with sdpa_kernel(SDPBackend.MATH):
-        return torch.func.jvp(call, primals, tuple(tangents))
+        return torch.func.jvp(functional(module, inputs), primals, tuple(tangents))
 
 
 def module(options: dict) -> nn.MultiheadAttention:
