@@ -68,14 +68,19 @@ def workload(name: str, device: torch.device):
 
 
 @contextmanager
-def _rule_off(method: str) -> Iterator[None]:
-    """``LeanTangents.<method>`` declines every call, so PyTorch's own formulas run."""
-    original = getattr(lean_rules.LeanTangents, method)
-    setattr(lean_rules.LeanTangents, method, lambda self, *args: None)
+def _patched(owner: object, name: str, value: object) -> Iterator[None]:
+    """``owner.name`` is ``value`` inside the block, as it was after it."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        setattr(lean_rules.LeanTangents, method, original)
+        setattr(owner, name, original)
+
+
+def _rule_off(method: str):
+    """``LeanTangents.<method>`` declines every call, so PyTorch's own formulas run."""
+    return _patched(lean_rules.LeanTangents, method, lambda self, *args: None)
 
 
 @contextmanager
@@ -85,16 +90,10 @@ def _without_attention_rule() -> Iterator[None]:
         yield
 
 
-@contextmanager
-def _explicit_multi_head_attention() -> Iterator[None]:
+def _explicit_multi_head_attention():
     """``nn.MultiheadAttention`` not rebuilt: PyTorch's explicit path, whose inside the
     lean rules do not see (so neither its projections nor its attention replay)."""
-    original = lean_rules.multi_head_rule.supported
-    lean_rules.multi_head_rule.supported = lambda call: False
-    try:
-        yield
-    finally:
-        lean_rules.multi_head_rule.supported = original
+    return _patched(lean_rules.multi_head_rule, "supported", lambda call: False)
 
 
 def _without_recurrent_rule():

@@ -17,8 +17,8 @@ with ``M`` the attention mask plus the key-padding mask, boolean masks
 turned into ``0``/``−∞`` as PyTorch does (``True`` masks a position out), and
 ``is_causal`` applied exactly where PyTorch applies it: only without a key-padding
 mask, in place of the attention mask. Its result equals PyTorch's up to rounding
-(``tests/curvature/test_lean_rules.py``). Other calls return ``None`` and are
-left to PyTorch.
+(``tests/curvature/test_multi_head_rule.py``); :func:`supported` says which calls it
+computes, and the others are left to PyTorch.
 """
 
 from __future__ import annotations
