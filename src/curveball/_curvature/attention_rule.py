@@ -85,7 +85,7 @@ def _causal_mask(s: torch.Tensor) -> torch.Tensor:
     return torch.full((rows, cols), -math.inf, dtype=s.dtype, device=s.device).triu_(1)
 
 
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean mask (``True``: attend) as ``0``/``−∞``; an additive one as it is."""
     if mask.dtype != torch.bool:
         return mask
@@ -116,7 +116,7 @@ def attention_primal(
     if call.is_causal:
         s = s.add_(_causal_mask(s))
     if mask is not None:
-        additive = _additive(mask, s.dtype)
+        additive = additive_mask(mask, s.dtype)
         s = s.add_(additive) if _broadcasts(additive, s) else s + additive
     p = torch.softmax(s, dim=-1)
     if mask is not None:  # a fully masked row attends to nothing, as PyTorch's own kernels do

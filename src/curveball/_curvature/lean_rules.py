@@ -112,7 +112,6 @@ _BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "t
                     "momentum", "eps")  # fmt: skip
 _RETURN_INDICES = 6  # position of ``return_indices`` in F.max_poolNd's signature
 _RECURRENT = frozenset({torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu})
-_NEED_WEIGHTS = 15  # position of ``need_weights`` in F.multi_head_attention_forward's signature
 
 
 @contextmanager
@@ -411,16 +410,10 @@ class LeanTangents(TorchFunctionMode):
 
     def _multi_head_attention(self, func, args: tuple, kwargs: dict):
         call = multi_head_rule.bind(args, kwargs)
-        if call is not None and multi_head_rule.supported(call):
+        if call is None or call["need_weights"]:
+            return None  # PyTorch's explicit path (or its own error), with its own formulas
+        if multi_head_rule.supported(call):
             with self:  # the mode sees the projections and the attention of this rebuilt call
                 return multi_head_rule.multi_head_attention(call)
-        if len(args) > _NEED_WEIGHTS:
-            wanted = bool(args[_NEED_WEIGHTS])
-            args = (*args[:_NEED_WEIGHTS], True, *args[_NEED_WEIGHTS + 1 :])
-        else:
-            wanted = bool(kwargs.get("need_weights", True))
-            kwargs = {**kwargs, "need_weights": True}
-        if wanted:
-            return None
-        out, _ = func(*args, **kwargs)  # the explicit path, with PyTorch's own formulas
+        out, _ = func(**{**call, "need_weights": True})  # the explicit path, weights dropped
         return out, None

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from curveball._curvature.attention_rule import additive_mask
+
 _SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 _UNSUPPORTED = ("bias_k", "bias_v", "static_k", "static_v")  # must be None
 
@@ -58,9 +60,10 @@ def supported(call: dict[str, Any]) -> bool:
 
 
 def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    if mask is None or mask.is_floating_point():
+    """``nn.MultiheadAttention``'s mask as an additive one (its boolean ``True`` masks out)."""
+    if mask is None or mask.dtype != torch.bool:
         return mask
-    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+    return additive_mask(~mask, dtype)  # the attention's convention: ``True`` attends
 
 
 def _projections(call: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,7 +81,9 @@ def _projections(call: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torc
     )
 
 
-def _mask(call: dict[str, Any], batch: int, heads: int, dtype: torch.dtype):
+def _mask(
+    call: dict[str, Any], batch: int, heads: int, dtype: torch.dtype
+) -> tuple[torch.Tensor | None, bool]:
     """``(mask, is_causal)`` for the attention of shape ``(batch, heads, L, S)``."""
     padding = _float_mask(call["key_padding_mask"], dtype)
     if call["is_causal"] and padding is None:
