@@ -344,29 +344,6 @@ def test_attention_dropout_uses_one_mask_for_the_primal_and_every_tangent():
     torch.testing.assert_close(tangent, expected[1], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("need_weights", [False, True])
-def test_multi_head_attention_runs_in_forward_mode_with_its_builtin_results(need_weights):
-    torch.manual_seed(0)
-    attention = torch.nn.MultiheadAttention(8, 2, batch_first=True).double().eval()
-    x = randn(2, 5, 8)
-    names = [n for n, _ in attention.named_parameters()]
-    tangents = [randn(*p.shape) for p in attention.parameters()]
-
-    def call(*weights):
-        params = dict(zip(names, weights, strict=True))
-        return torch.func.functional_call(
-            attention, params, (x, x, x), {"need_weights": need_weights}
-        )
-
-    primals = [p.detach() for p in attention.parameters()]
-    ours = run(call, primals, tangents, LeanTangents(0))
-    attention.train()  # no dropout here: the same function, without the fused inference path
-    with sdpa_kernel(SDPBackend.MATH):
-        theirs = torch.func.jvp(lambda *w: call(*w)[0], tuple(primals), tuple(tangents))
-    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-12, atol=1e-12)
-
-
 # (name, function of (x, w, b), shapes of (x, w, b)); statistics are fresh per call
 def _bn(training: bool, channels: int = 3, **kw):
     def fn(x, w, b):

@@ -98,7 +98,7 @@ def functional(module: nn.MultiheadAttention, inputs):
 
     def call(*weights):
         params = dict(zip(names, weights, strict=True))
-        kw = {**kwargs, "need_weights": False}
+        kw = {"need_weights": False, **kwargs}
         return torch.func.functional_call(module, params, (q, k, v), kw)[0]
 
     return call
@@ -164,19 +164,35 @@ def test_the_second_pass_replays_the_projections_and_the_attention():
         ({"add_bias_kv": True}, "bias_k"),
         ({"add_zero_attn": True}, "zero attention"),
         ({}, "unbatched"),
+        ({}, "need_weights"),
     ],
 )
 def test_calls_the_rule_does_not_accept_stay_exact_on_pytorchs_path(options, reason):
     torch.manual_seed(0)
     attention = module(options)
     x = randn(L, E) if reason == "unbatched" else randn(L, N, E)
-    inputs = (x, x, x, {})
+    inputs = (x, x, x, {"need_weights": reason == "need_weights"})
     rules = LeanTangents(0, record=True)
     primal, tangent, tangents = run_attention(attention, inputs, rules)
     expected = builtin(attention, inputs, tangents)
     torch.testing.assert_close(primal, expected[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(tangent, expected[1], rtol=1e-12, atol=1e-12)
     assert rules.records == []  # inside PyTorch's function: the mode saw nothing
+
+
+def test_evaluation_mode_gives_the_training_modes_function_without_dropout():
+    """In evaluation mode (no fused inference path while the rules are active) the
+    rebuilt call still equals PyTorch's result."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(E, HEADS, batch_first=True).double().eval()
+    x = randn(N, L, E)
+    inputs = (x, x, x, {})
+    rules = LeanTangents(0, record=True)
+    primal, tangent, tangents = run_attention(attention, inputs, rules)
+    expected = builtin(attention.train(), inputs, tangents)
+    torch.testing.assert_close(primal, expected[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tangent, expected[1], rtol=1e-12, atol=1e-12)
+    assert len(rules.records) == 3
 
 
 @pytest.mark.parametrize("training", [True, False])
