@@ -21,8 +21,9 @@ official test files under ``--data-dir``), and a small causal transformer and an
 LSTM character-level language model on the Python standard library's source
 (read at run time). Contenders: CurveBall at its defaults, ``curveball-paper``
 with ``curveball.PAPER_DEFAULTS`` (the authors' method: no preconditioner, λ
-starting at 1), ``curveball-lm`` with a faster Levenberg-Marquardt damping rule
-(``curveball-lm-floor``: with ``lambda_min=0.03`` too),
+starting at 1, the paper's damping rule), ``curveball-paper-damping`` with the
+defaults but the paper's damping rule (λ × 0.999 or ÷ 0.999 per step, no floor),
+``curveball-no-floor`` with the defaults but no floor under λ (``lambda_min=0``),
 ``curveball-lazy`` solving for ρ and β on every 5th step only,
 ``curveball-minibatch`` computing the second forward-mode pass on a quarter of
 the batch (``curvature_fraction=0.25``), and ``curveball-tuned`` with its
@@ -221,27 +222,27 @@ def make_step(name: str, model: nn.Module, lr: float | None):
     return _peers()[name](model)
 
 
-LM_DAMPING = {"lambda_factor": (2.0 / 3.0) ** (1.0 / 5.0), "lambda_thresholds": (0.25, 0.75)}
-"""A Levenberg-Marquardt damping rule (Martens 2010): every 5 steps, λ × 2/3 when the trust
-ratio exceeds 3/4 and λ × 3/2 when it is below 1/4 — through CurveBall's own options."""
+PAPER_DAMPING = {k: PAPER_DEFAULTS[k] for k in ("lambda_factor", "lambda_thresholds", "lambda_min")}
+"""The paper's damping rule: every 5 steps, λ × 0.999⁵ when the trust ratio exceeds 1.5 and
+λ / 0.999⁵ when it is below 0.5, with no floor (the defaults: × 2/3 above 3/4, × 3/2 below
+1/4, not below 0.05)."""
 
 CURVEBALL_OPTIONS = {
     "curveball": {},
     "curveball-paper": PAPER_DEFAULTS,
-    "curveball-lm": LM_DAMPING,
+    "curveball-paper-damping": PAPER_DAMPING,
+    "curveball-no-floor": {"lambda_min": 0.0},
     "curveball-lazy": {"step_size_interval": 5},
     "curveball-minibatch": {"curvature_fraction": 0.25},
-    "curveball-lm-floor": {**LM_DAMPING, "lambda_min": 0.03},
 }
 """CurveBall contenders by their constructor keywords. ``curveball-lazy`` solves for ρ and β
 only on the trust-region test steps (every 5th), skipping the second forward-mode pass on
 the others; ``curveball-minibatch`` estimates the curvature terms of the 2×2 system on the
-first quarter of the batch; ``curveball-lm-floor`` is ``curveball-lm`` with λ kept at 0.03
-or above; ``curveball-tuned`` (not here) picks its initial λ from ``LR_GRIDS`` like the
-first-order optimizers pick their learning rate."""
+first quarter of the batch; ``curveball-tuned`` (not here) picks its initial λ from
+``LR_GRIDS`` like the first-order optimizers pick their learning rate."""
 
-CONTENDERS = ("curveball", "curveball-paper", "curveball-lm", "curveball-lazy",
-              "curveball-minibatch", "curveball-lm-floor", "curveball-tuned", "sgd", "adam",
+CONTENDERS = ("curveball", "curveball-paper", "curveball-paper-damping", "curveball-no-floor",
+              "curveball-lazy", "curveball-minibatch", "curveball-tuned", "sgd", "adam",
               "adamw", "soap", "psgd-kron", "sophiah", "adahessian", "shampoo")  # fmt: skip
 
 

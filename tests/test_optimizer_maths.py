@@ -96,19 +96,26 @@ def test_linear_least_squares_reaches_the_exact_minimiser():
     torch.testing.assert_close(model.bias.detach(), solution[6], rtol=1e-8, atol=1e-10)
 
 
-def test_damping_rule_moves_lambda_the_right_way():
+@pytest.mark.parametrize(
+    "rule",
+    [{}, {"lambda_factor": 0.999, "lambda_thresholds": (0.5, 1.5), "lambda_min": 0.0}],
+    ids=["default", "paper"],
+)
+def test_damping_rule_moves_lambda_the_right_way(rule):
+    factor = rule.get("lambda_factor", (2.0 / 3.0) ** 0.2)  # the test is every step: ω = factor
+    low, high = rule.get("lambda_thresholds", (0.25, 0.75))
     # On a linear least-squares problem the quadratic model is exact up to the λ term, so the
-    # loss falls by more than predicted (r > 1.5 for a large λ): the damping must shrink.
+    # loss falls by more than predicted (r > high for a large λ): the damping must shrink.
     torch.manual_seed(4)
     a = torch.randn(30, 3, dtype=torch.float64)
     b = torch.randn(30, 1, dtype=torch.float64)
     model = nn.Linear(3, 1, dtype=torch.float64)
-    opt = CurveBall(model, lambd=10.0, lambda_interval=1)
+    opt = CurveBall(model, lambd=10.0, lambda_interval=1, **rule)
     opt.step(lambda: model(a), lambda y: F.mse_loss(y, b))
-    assert opt.last.trust_ratio > 1.5
-    assert opt.lambd == pytest.approx(10.0 * 0.999)
+    assert opt.last.trust_ratio > high
+    assert opt.lambd == pytest.approx(10.0 * factor)
     # A loss that is nearly flat here but explodes further along: the model's predicted decrease
-    # is wildly optimistic (the loss goes up), so r < 0.5 and λ must grow.
+    # is wildly optimistic (the loss goes up), so r < low and λ must grow.
     w = nn.Linear(1, 1, bias=False, dtype=torch.float64)
     with torch.no_grad():
         w.weight.fill_(0.0)
@@ -117,18 +124,38 @@ def test_damping_rule_moves_lambda_the_right_way():
     def steep(y):
         return (0.005 * y**2 - 0.1 * y + torch.exp(10 * (y - 1.5))).sum()
 
-    opt = CurveBall(w, lambd=1e-3, lambda_interval=1, reject_uphill=False)  # the paper's rule
+    opt = CurveBall(w, lambd=1e-3, lambda_interval=1, reject_uphill=False, **rule)
     opt.step(lambda: w(one), steep)
-    assert opt.last.trust_ratio < 0.5
-    assert opt.lambd == pytest.approx(1e-3 / 0.999)
+    assert opt.last.trust_ratio < low
+    assert opt.lambd == pytest.approx(1e-3 / factor)
     # The loss even rose (r < 0): by default the step is undone and λ doubles besides.
     with torch.no_grad():
         w.weight.fill_(0.0)
-    opt = CurveBall(w, lambd=1e-3, lambda_interval=1)
+    opt = CurveBall(w, lambd=1e-3, lambda_interval=1, **rule)
     with pytest.warns(RuntimeWarning, match="rejected"):
         opt.step(lambda: w(one), steep)
     assert opt.last.trust_ratio < 0.0 and opt.last.skipped
-    assert opt.lambd == pytest.approx(2e-3 / 0.999) and w.weight.item() == 0.0
+    assert opt.lambd == pytest.approx(2e-3 / factor) and w.weight.item() == 0.0
+
+
+def test_the_default_floor_stops_the_shrinking_but_not_a_smaller_start():
+    # The least-squares problem of the test above keeps r > 3/4: λ shrinks by ω = 2/3 per test
+    # down to lambda_min = 0.05 and stays there; an initial λ below the floor is kept.
+    torch.manual_seed(4)
+    a = torch.randn(30, 3, dtype=torch.float64)
+    b = torch.randn(30, 1, dtype=torch.float64)
+    # (Once converged the model predicts no change, r is not above 3/4 and λ grows: the small
+    # start gets there sooner, so it runs 2 tests only.)
+    for start, expected in ((0.1, [0.1 * 2 / 3, 0.05, 0.05]), (0.01, [0.01] * 2)):
+        model = nn.Linear(3, 1, dtype=torch.float64)
+        opt = CurveBall(model, lambd=start)
+        seen = []
+        for _ in range(5 * len(expected)):  # a test every 5th step
+            opt.step(lambda model=model: model(a), lambda y: F.mse_loss(y, b))
+            if opt.last.trust_ratio is not None:
+                seen.append(opt.last.next_lambd)
+                assert opt.last.trust_ratio > 0.75
+        assert seen == pytest.approx(expected)
 
 
 def test_fixed_momentum_and_beta_are_used_as_given():

@@ -57,8 +57,9 @@ def test_every_hyper_parameter_is_in_the_param_groups_and_the_state_dict():
         "beta": None,
         "lambd": 0.1,
         "auto_lambda": True,
-        "lambda_factor": 0.999,
-        "lambda_thresholds": (0.5, 1.5),
+        "lambda_factor": (2.0 / 3.0) ** 0.2,
+        "lambda_thresholds": (0.25, 0.75),
+        "lambda_min": 0.05,
         "lambda_interval": 3,
         "step_size_interval": 2,
         "weight_decay": 0.0,
@@ -141,14 +142,19 @@ def test_the_global_record_round_trips():
     assert CurveBallState.from_dict(torch.load(buffer)) == state
 
 
-def test_paper_defaults_are_the_published_method_and_differ_from_todays_in_three_places():
+def test_paper_defaults_are_the_published_method_and_differ_from_todays_in_four_places():
     from curveball import PAPER_DEFAULTS
 
     model, _, _ = CASES["mlp"].make()
     paper = CurveBall(model, **PAPER_DEFAULTS).param_groups[0]
     default = CurveBall(model).param_groups[0]
     differ = {k for k in PAPER_DEFAULTS if paper[k] != default[k]}
-    assert differ == {"lambd", "precondition", "reject_uphill"}
+    damping = {"lambda_factor", "lambda_thresholds", "lambda_min"}  # the damping rule
+    assert differ == {"lambd", "precondition", "reject_uphill"} | damping
     assert PAPER_DEFAULTS["lambd"] == 1.0 and PAPER_DEFAULTS["lambda_interval"] == 5
+    assert PAPER_DEFAULTS["lambda_factor"] == 0.999 and PAPER_DEFAULTS["lambda_min"] == 0.0
+    assert PAPER_DEFAULTS["lambda_thresholds"] == (0.5, 1.5)
+    assert default["lambda_factor"] ** 5 == pytest.approx(2 / 3)  # Martens (2010): ×2/3, ×3/2
+    assert default["lambda_thresholds"] == (0.25, 0.75) and default["lambda_min"] == 0.05
     assert PAPER_DEFAULTS["precondition"] is False and default["lambd"] == 0.1
     assert PAPER_DEFAULTS["reject_uphill"] is False and default["reject_uphill"] is True

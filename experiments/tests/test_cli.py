@@ -163,12 +163,15 @@ def test_curveball_options_reach_every_curveball_and_the_report(
 
     monkeypatch.setattr(CurveBall, "__init__", spy)
     argv = ["linear", "--quick", "--seeds", "1", "--out", str(tmp_path)]
-    assert main([*argv, "--curveball", "lambd=0.5", "lambda_thresholds=(0.25, 0.75)"]) == 0
-    expected = {"lambd": 0.5, "lambda_thresholds": (0.25, 0.75)}
+    assert main([*argv, "--curveball", "lambd=0.5", "lambda_thresholds=(0.5, 1.5)"]) == 0
+    expected = {"lambd": 0.5, "lambda_thresholds": (0.5, 1.5)}
     assert len(built) > 1 and all(kwargs == expected for kwargs in built)
     notes = " ".join(json.loads((tmp_path / "linear" / "results.json").read_text())["notes"])
-    assert "except lambd=0.5, lambda_thresholds=(0.25, 0.75)" in notes
-    shown = "lr=1.0, lambd=0.1, precondition=True, reject_uphill=True"  # lr, then not the paper's
+    assert "except lambd=0.5, lambda_thresholds=(0.5, 1.5)" in notes
+    shown = (  # lr, then every default that is not the paper's
+        f"lr=1.0, lambd=0.1, lambda_factor={(2 / 3) ** 0.2!r}, lambda_thresholds=(0.25, 0.75), "
+        "lambda_min=0.05, precondition=True, reject_uphill=True"
+    )
     assert f"defaults ({shown}, automatic rho and beta)" in notes
     built.clear()
     assert main(argv) == 0  # the next run is back at the defaults

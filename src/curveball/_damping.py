@@ -13,7 +13,14 @@ skipped (a non-finite value) counts as a failed test. A multiplicative rule
 never leaves ``λ = 0``, so growth from zero starts at :data:`LAMBDA_FLOOR`.
 With ``reject_uphill`` (a default, not the paper's), a test that finds the loss
 risen (``r < 0``) also rejects the step, and λ doubles (:func:`after_rejection`).
-``lambda_min`` (an option) is a floor that the shrinking stops at.
+``lambda_min`` is a floor that the shrinking stops at.
+
+The defaults (:data:`DEFAULT_FACTOR`, :data:`DEFAULT_THRESHOLDS`,
+:data:`DEFAULT_MINIMUM`) are the Levenberg-Marquardt rule of Hessian-free
+optimisation (Martens, ICML 2010, section 4.1): every 5 steps λ × 2/3 when
+``r > 3/4`` and λ × 3/2 when ``r < 1/4``, with λ kept at 0.05 or above. The
+paper's rule (factor 0.999 per step, thresholds 0.5 and 1.5, no floor) moves λ
+by 0.5 % per test, so λ hardly leaves its initial value.
 """
 
 from __future__ import annotations
@@ -22,6 +29,15 @@ import math
 
 LAMBDA_FLOOR = 1e-8
 """The damping that a failed test gives when λ was 0."""
+
+DEFAULT_FACTOR = (2.0 / 3.0) ** (1.0 / 5.0)
+"""The default per-step factor: ω = 2/3 per test at the default interval of 5 steps."""
+
+DEFAULT_THRESHOLDS = (0.25, 0.75)
+"""The default ``(low, high)`` trust-ratio thresholds."""
+
+DEFAULT_MINIMUM = 0.05
+"""The default floor of λ under the rule's shrinking."""
 
 REJECTION_FACTOR = 2.0
 """How much λ grows when a tested step raised the loss and was rejected (``reject_uphill``)."""
@@ -49,9 +65,9 @@ def raise_damping(lambd: float, omega: float) -> float:
 def adjust_damping(
     lambd: float,
     ratio: float | None,
-    thresholds: tuple[float, float] = (0.5, 1.5),
-    omega: float = 0.999**5,
-    minimum: float = 0.0,
+    thresholds: tuple[float, float] = DEFAULT_THRESHOLDS,
+    omega: float = DEFAULT_FACTOR**5,
+    minimum: float = DEFAULT_MINIMUM,
 ) -> float:
     """The new damping after a trust-ratio test.
 
@@ -78,7 +94,8 @@ def after_rejection(lambd: float) -> float:
     :data:`LAMBDA_FLOOR`.
 
     The rule of :func:`adjust_damping` changes λ by ``1/ω`` at most (0.5 % per test
-    with the paper's factor), so alone it would propose the same step again on the
-    next attempt; a trust-region method must shrink the region after a rejection.
+    with the paper's factor, 50 % with the default), so alone it could propose nearly
+    the same step again on the next attempt; a trust-region method must shrink the
+    region after a rejection.
     """
     return max(REJECTION_FACTOR * lambd, LAMBDA_FLOOR)

@@ -214,12 +214,15 @@ class CurveBall(torch.optim.Optimizer):
                        λ ← λ / ω if r < r_low,  λ ← λ ω if r > r_high,  ω = factor^T
                        if r < 0 (reject_uphill): w and buffers back, z ← 0, λ ← 2λ
 
-    The defaults differ from the paper's in three places, measured on the
+    The defaults differ from the paper's in four places, measured on the
     wall-clock race and the paper's experiments (README): the diagonal
     preconditioner of :mod:`curveball._preconditioner` is on, λ starts at 0.1
-    instead of 1, and a trust-region test that finds the loss risen rejects the
-    step. ``CurveBall(model, **PAPER_DEFAULTS)`` is the authors'
-    method exactly. With either setting ``z`` converges, on a fixed batch and at
+    instead of 1, a trust-region test that finds the loss risen rejects the
+    step, and λ follows the Levenberg-Marquardt rule of Hessian-free optimisation
+    (Martens, ICML 2010): ×2/3 or ×3/2 per test at thresholds 3/4 and 1/4, kept at
+    0.05 or above (the paper: ×0.995 or ×1/0.995 at 1.5 and 0.5, no floor; see
+    :mod:`curveball._damping`). ``CurveBall(model, **PAPER_DEFAULTS)`` is the
+    authors' method exactly. With either setting ``z`` converges, on a fixed batch and at
     fixed parameters, to the damped Newton step ``−(G + λI)⁻¹ g``.
 
     Args:
@@ -233,8 +236,10 @@ class CurveBall(torch.optim.Optimizer):
         lambd: the initial damping λ ≥ 0 (the paper: 1).
         auto_lambda: adapt λ with the trust-region rule.
         lambda_factor: the per-step factor of the rule, in (0, 1];
-            ``ω = lambda_factor ** lambda_interval``.
-        lambda_thresholds: ``(low, high)`` trust-ratio thresholds, ``low < high``.
+            ``ω = lambda_factor ** lambda_interval`` (default ``(2/3) ** (1/5)``:
+            ω = 2/3 at the default interval; the paper: 0.999).
+        lambda_thresholds: ``(low, high)`` trust-ratio thresholds, ``low < high``
+            (the paper: ``(0.5, 1.5)``).
         lambda_interval: T, the number of steps between trust-region tests.
         weight_decay: κ, L2 penalty ``½ κ ‖w‖²`` (per group), entering both the
             gradient and the curvature.
@@ -266,8 +271,9 @@ class CurveBall(torch.optim.Optimizer):
             sum or mean over the predictions' rows. With dropout, the cut pass draws its
             own masks (the first pass's cannot be cut to fewer samples). 1 (the paper)
             uses the whole batch.
-        lambda_min: the trust-region rule does not shrink λ below this (0: no
-            floor; the initial λ may be lower, and rejections and skips still raise it).
+        lambda_min: the trust-region rule does not shrink λ below this (0, the
+            paper: no floor; the initial λ may be lower, and rejections and skips
+            still raise it).
         model: the module owning the parameters, when ``params`` are not a module.
         forward_mode: ``"auto"`` (forward-mode AD, falling back to double
             backward as :mod:`curveball._curvature.engine_choice` describes),
@@ -297,8 +303,8 @@ class CurveBall(torch.optim.Optimizer):
         beta: float | None = None,
         lambd: float = 0.1,
         auto_lambda: bool = True,
-        lambda_factor: float = 0.999,
-        lambda_thresholds: tuple[float, float] = (0.5, 1.5),
+        lambda_factor: float = _damping.DEFAULT_FACTOR,
+        lambda_thresholds: tuple[float, float] = _damping.DEFAULT_THRESHOLDS,
         lambda_interval: int = 5,
         weight_decay: float = 0.0,
         *,
@@ -308,7 +314,7 @@ class CurveBall(torch.optim.Optimizer):
         precondition_eps: float = 1e-8,
         reject_uphill: bool = True,
         curvature_fraction: float = 1.0,
-        lambda_min: float = 0.0,
+        lambda_min: float = _damping.DEFAULT_MINIMUM,
         model: nn.Module | None = None,
         forward_mode: str = "auto",
         process_group: Any = None,

@@ -13,7 +13,7 @@ def test_a_tiny_race_reports_every_contender(tmp_path):
     results = race.run(
         ["--tasks", "char-lstm", "--budget", "4", "--eval-every", "2", "--pre-steps", "1",
          "--text-chars", "20000", "--json", str(out), "--plots", str(tmp_path / "plots"),
-         "--contenders", "curveball", "curveball-minibatch", "curveball-lm-floor",
+         "--contenders", "curveball", "curveball-minibatch", "curveball-paper-damping",
          "curveball-tuned", "sgd", "adam", "adamw", "soap", "sophiah"]
     )  # fmt: skip
     saved = json.loads(out.read_text())
@@ -22,7 +22,7 @@ def test_a_tiny_race_reports_every_contender(tmp_path):
     assert task["task"] == "char-lstm" and math.isfinite(task["target"])
     names = [row["contender"] for row in task["rows"]]
     assert names == [
-        "curveball", "curveball-minibatch", "curveball-lm-floor", "curveball-tuned", "sgd",
+        "curveball", "curveball-minibatch", "curveball-paper-damping", "curveball-tuned", "sgd",
         "adam", "adamw", "soap", "sophiah",
     ]  # fmt: skip
     for row in task["rows"]:

@@ -94,9 +94,9 @@ def run_models(
     report.curve_label = f"training loss (mini-batch, running mean of {SMOOTHING})"
     report.notes.append(
         "settings.curveball_final_lambda: CurveBall's damping after the last step (CurveBall: "
-        f"{optimizers.curveball_description()}; the trust-region rule changes λ by at most "
-        "the factor lambda_factor per step, 0.999 by default, and a step it rejects "
-        "(reject_uphill) doubles λ)."
+        f"{optimizers.curveball_description()}; every lambda_interval steps the trust-region "
+        "rule changes λ by the factor lambda_factor ** lambda_interval or its inverse, not "
+        "below lambda_min, and a step it rejects (reject_uphill) doubles λ)."
     )
 
 
