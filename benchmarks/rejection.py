@@ -1,7 +1,8 @@
-"""What ``reject_uphill`` does: runs on which the paper's damping rule lets the loss run away.
+"""What ``reject_uphill`` does: runs on which, without it, the loss runs away.
 
-The paper's trust-region test (every ``lambda_interval`` steps) only moves λ, by
-the factor ``1/ω`` (0.5 % with its settings), however far the loss rose. With
+Without rejection (the paper's method) a trust-region test (every
+``lambda_interval`` steps) only moves λ, by the factor ``1/ω`` (× 3/2 with the
+default damping rule, 0.5 % with the paper's), however far the loss rose. With
 ``reject_uphill=True`` (the default) a test that finds the loss on the step's own
 batch higher than before the step undoes the step, restarts ``z`` from zero and
 doubles λ. This benchmark trains each problem twice from the same initial

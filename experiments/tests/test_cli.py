@@ -179,6 +179,32 @@ def test_curveball_options_reach_every_curveball_and_the_report(
     assert optimizers.CURVEBALL_OPTIONS == {}
 
 
+def test_paper_runs_the_authors_method_with_curveball_keywords_on_top(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from curveball import PAPER_DEFAULTS, CurveBall
+
+    built = []
+    original = CurveBall.__init__
+
+    @functools.wraps(original)
+    def spy(self, *args, **kwargs):
+        built.append(kwargs)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CurveBall, "__init__", spy)
+    argv = ["linear", "--quick", "--seeds", "1", "--out", str(tmp_path), "--paper"]
+    assert main(argv) == 0
+    assert built and all(kwargs == PAPER_DEFAULTS for kwargs in built)
+    notes = " ".join(json.loads((tmp_path / "linear" / "results.json").read_text())["notes"])
+    assert "CurveBall: the paper's settings (curveball.PAPER_DEFAULTS), no tuning" in notes
+    built.clear()
+    assert main([*argv, "--curveball", "lambd=0.5", "precondition_eps=1e-6"]) == 0
+    assert all(k == {**PAPER_DEFAULTS, "lambd": 0.5, "precondition_eps": 1e-6} for k in built)
+    notes = " ".join(json.loads((tmp_path / "linear" / "results.json").read_text())["notes"])
+    assert "(curveball.PAPER_DEFAULTS) except lambd=0.5, precondition_eps=1e-06, no" in notes
+
+
 @pytest.mark.parametrize(
     "option, error",
     [("lambd", SystemExit), ("lambd=x y", SystemExit), ("lambd=-1", ValueError),

@@ -61,6 +61,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=None, help="imagenet: first K classes only")
     p.add_argument("--image-size", type=int, default=None, help="imagenet: image side (128)")
     p.add_argument(
+        "--paper",
+        action="store_true",
+        help="CurveBall with curveball.PAPER_DEFAULTS (the authors' method) instead of its "
+        "defaults; --curveball keywords apply on top",
+    )
+    p.add_argument(
         "--curveball",
         nargs="+",
         default=[],
@@ -147,10 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from curveball_experiments import optimizers
 
     optimizers.CURVEBALL_OPTIONS.clear()
-    if args.curveball:
-        from curveball import CurveBall
+    if args.curveball or args.paper:
+        from curveball import PAPER_DEFAULTS, CurveBall
 
-        options = dict(args.curveball)
+        options = {**(PAPER_DEFAULTS if args.paper else {}), **dict(args.curveball)}
         CurveBall(torch.nn.Linear(1, 1), **options)  # a bad keyword or value fails here, now
         optimizers.CURVEBALL_OPTIONS.update(options)
     data_dir = default_data_dir(args.data_dir)

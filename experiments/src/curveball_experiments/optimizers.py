@@ -245,13 +245,22 @@ def curveball_description() -> str:
     from curveball import PAPER_DEFAULTS, CurveBall
 
     defaults = inspect.signature(CurveBall).parameters
-    # lr, and every default that is not the paper's
-    shown = ["lr"] + [k for k, v in PAPER_DEFAULTS.items() if defaults[k].default != v]
-    text = ", ".join(f"{k}={defaults[k].default!r}" for k in shown)
-    text = f"defaults ({text}, automatic rho and beta)"
-    if not CURVEBALL_OPTIONS:
+    if PAPER_DEFAULTS.keys() <= CURVEBALL_OPTIONS.keys():  # --paper
+        text = "the paper's settings (curveball.PAPER_DEFAULTS)"
+        changed = {
+            k: v
+            for k, v in CURVEBALL_OPTIONS.items()
+            if k not in PAPER_DEFAULTS or PAPER_DEFAULTS[k] != v
+        }
+    else:
+        # lr, and every default that is not the paper's
+        shown = ["lr"] + [k for k, v in PAPER_DEFAULTS.items() if defaults[k].default != v]
+        text = ", ".join(f"{k}={defaults[k].default!r}" for k in shown)
+        text = f"defaults ({text}, automatic rho and beta)"
+        changed = CURVEBALL_OPTIONS
+    if not changed:
         return text
-    return text + " except " + ", ".join(f"{k}={v!r}" for k, v in CURVEBALL_OPTIONS.items())
+    return text + " except " + ", ".join(f"{k}={v!r}" for k, v in changed.items())
 
 
 class GridSGD:
