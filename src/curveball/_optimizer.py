@@ -271,9 +271,9 @@ class CurveBall(torch.optim.Optimizer):
             sum or mean over the predictions' rows. With dropout, the cut pass draws its
             own masks (the first pass's cannot be cut to fewer samples). 1 (the paper)
             uses the whole batch.
-        lambda_min: the trust-region rule does not shrink λ below this (0, the
-            paper: no floor; the initial λ may be lower, and rejections and skips
-            still raise it).
+        lambda_min: the trust-region rule does not shrink λ below this (0: no
+            floor, as in the paper; the initial λ may be lower, and rejections and
+            skips still raise it).
         model: the module owning the parameters, when ``params`` are not a module.
         forward_mode: ``"auto"`` (forward-mode AD, falling back to double
             backward as :mod:`curveball._curvature.engine_choice` describes),
