@@ -96,6 +96,12 @@ def test_linear_least_squares_reaches_the_exact_minimiser():
     torch.testing.assert_close(model.bias.detach(), solution[6], rtol=1e-8, atol=1e-10)
 
 
+def least_squares_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets of a 3-unknown linear least-squares problem (30 samples, float64)."""
+    torch.manual_seed(4)
+    return torch.randn(30, 3, dtype=torch.float64), torch.randn(30, 1, dtype=torch.float64)
+
+
 @pytest.mark.parametrize(
     "rule",
     [{}, {"lambda_factor": 0.999, "lambda_thresholds": (0.5, 1.5), "lambda_min": 0.0}],
@@ -106,9 +112,7 @@ def test_damping_rule_moves_lambda_the_right_way(rule):
     low, high = rule.get("lambda_thresholds", (0.25, 0.75))
     # On a linear least-squares problem the quadratic model is exact up to the λ term, so the
     # loss falls by more than predicted (r > high for a large λ): the damping must shrink.
-    torch.manual_seed(4)
-    a = torch.randn(30, 3, dtype=torch.float64)
-    b = torch.randn(30, 1, dtype=torch.float64)
+    a, b = least_squares_data()
     model = nn.Linear(3, 1, dtype=torch.float64)
     opt = CurveBall(model, lambd=10.0, lambda_interval=1, **rule)
     opt.step(lambda: model(a), lambda y: F.mse_loss(y, b))
@@ -141,9 +145,7 @@ def test_damping_rule_moves_lambda_the_right_way(rule):
 def test_the_default_floor_stops_the_shrinking_but_not_a_smaller_start():
     # The least-squares problem of the test above keeps r > 3/4: λ shrinks by ω = 2/3 per test
     # down to lambda_min = 0.05 and stays there; an initial λ below the floor is kept.
-    torch.manual_seed(4)
-    a = torch.randn(30, 3, dtype=torch.float64)
-    b = torch.randn(30, 1, dtype=torch.float64)
+    a, b = least_squares_data()
     # (Once converged the model predicts no change, r is not above 3/4 and λ grows: the small
     # start gets there sooner, so it runs 2 tests only.)
     for start, expected in ((0.1, [0.1 * 2 / 3, 0.05, 0.05]), (0.01, [0.01] * 2)):
