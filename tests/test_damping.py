@@ -30,6 +30,15 @@ def test_damping_rule_directions():
     assert trust_ratio(-1.0, -2.0) == 0.5 and trust_ratio(1.0, 0.0) is None
 
 
+def test_changes_within_rounding_measure_nothing():
+    # both within the resolution: no ratio, whatever their signs
+    assert trust_ratio(-0.0, -1e-19, resolution=1e-15) is None
+    assert trust_ratio(3e-16, -1e-19, resolution=1e-15) is None
+    # a change beyond it is measured, even against a prediction within it
+    assert trust_ratio(2e-15, -1e-19, resolution=1e-15) == pytest.approx(-2e4)
+    assert trust_ratio(-1e-3, -2e-3, resolution=1e-15) == 0.5
+
+
 def test_zero_damping_can_grow():
     w = omega(0.999, 5)
     assert adjust_damping(0.0, 0.1, (0.5, 1.5), w) == LAMBDA_FLOOR

@@ -9,7 +9,9 @@ If the model was too optimistic (``r`` below the lower threshold) the damping
 grows, ``λ ← λ / ω``; if the loss fell by more than predicted (``r`` above the
 upper threshold) it shrinks, ``λ ← λ ω``; with ``ω = factor ** T``
 (Henriques et al., ICCV 2019, section 3.3; Martens 2010). A step that had to be
-skipped (a non-finite value) counts as a failed test. A multiplicative rule
+skipped (a non-finite value) counts as a failed test; a test whose predicted
+and measured changes are both within the loss's rounding (a converged run) counts
+as none. A multiplicative rule
 never leaves ``λ = 0``, so growth from zero starts at :data:`LAMBDA_FLOOR`.
 With ``reject_uphill`` (a default, not the paper's), a test that finds the loss
 risen (``r < 0``) also rejects the step, and λ doubles (:func:`after_rejection`).
@@ -48,9 +50,19 @@ def omega(factor: float, interval: int) -> float:
     return factor**interval
 
 
-def trust_ratio(actual_change: float, predicted_change: float) -> float | None:
-    """``actual / predicted``, or ``None`` when the model predicted no change at all."""
+def trust_ratio(
+    actual_change: float, predicted_change: float, resolution: float = 0.0
+) -> float | None:
+    """``actual / predicted``, or ``None`` when the test cannot tell.
+
+    It cannot when the model predicted no change at all, or when both changes are
+    within ``resolution`` (the rounding of the loss's evaluations): near a minimum
+    the model predicts changes far below it, the measured change is rounding noise
+    of either sign, and their ratio says nothing about the model.
+    """
     if predicted_change == 0.0:
+        return None
+    if abs(predicted_change) <= resolution and abs(actual_change) <= resolution:
         return None
     return actual_change / predicted_change
 

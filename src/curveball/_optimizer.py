@@ -63,7 +63,8 @@ method (Henriques et al., ICCV 2019), whatever the defaults become."""
 
 ROUNDING_UNITS = 16
 """A trial loss above the loss before the step by at most this many units of the loss's
-precision (relative) counts as unchanged, not risen, for ``reject_uphill``."""
+precision (relative) counts as unchanged, not risen, for ``reject_uphill``; a test whose
+predicted and measured changes are both that small leaves λ as it is."""
 
 _AVERAGE = "dz_square_average"  # the preconditioner's state key (float32 for half parameters)
 
@@ -906,7 +907,9 @@ class CurveBall(torch.optim.Optimizer):
             if sizes is not None:
                 self.curveball_state.rho, self.curveball_state.beta = sizes
             return self._skip(replace(info, reason="non-finite trial loss"), undo)
-        ratio = _damping.trust_ratio(trial_value - info.loss, info.predicted_change)
+        ratio = _damping.trust_ratio(
+            trial_value - info.loss, info.predicted_change, _rounding(info.loss, trial.dtype)
+        )
         omega = _damping.omega(hyper["lambda_factor"], hyper["lambda_interval"])
         lambd = _damping.adjust_damping(
             info.lambd, ratio, hyper["lambda_thresholds"], omega, hyper["lambda_min"]
@@ -960,12 +963,18 @@ def _saved_states(state_dict: dict[str, Any], groups: list[dict]) -> list[tuple]
     ]
 
 
+def _rounding(loss: float, dtype: torch.dtype) -> float:
+    """How far two evaluations of a loss near ``loss`` may differ by rounding alone:
+    :data:`ROUNDING_UNITS` units of its precision."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
+    return ROUNDING_UNITS * eps * abs(loss)
+
+
 def _rose(before: float, after: float, dtype: torch.dtype) -> bool:
     """Whether the loss rose by more than rounding: two evaluations of a loss at nearly
     the same point (a converged run) can differ by a few units of its precision either
     way, and a rise that small must not reject the step."""
-    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
-    return after - before > ROUNDING_UNITS * eps * abs(before)
+    return after - before > _rounding(before, dtype)
 
 
 def _unpreconditioned(products: _Products) -> list[torch.Tensor]:

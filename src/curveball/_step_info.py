@@ -18,7 +18,8 @@ class StepInfo:
         lambd: the damping λ the step was computed with.
         next_lambd: the damping after the step's trust-region update.
         predicted_change: the quadratic model's predicted loss change ``M(z')``.
-        trust_ratio: actual over predicted change, when it was measured (else ``None``).
+        trust_ratio: actual over predicted change, when it was measured (else ``None``:
+            no test at this step, or both changes within the loss's rounding).
         refreshed: whether ρ and β were solved for at this step (else reused).
         skipped: whether the step left the parameters unchanged (and ``z``, except
             after a rejected step, which restarts it from zero).
