@@ -50,7 +50,7 @@ import sysconfig
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -459,6 +459,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     p.add_argument("--budget", type=int, default=400, help="steps per contender")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="samples per step on every task (default: each task's own, 128 images or 32 "
+        "text windows)",
+    )
     p.add_argument("--pre-steps", type=int, default=None, help="learning-rate pre-run steps")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--data-dir", default=os.environ.get("CURVEBALL_DATA", "../shared/data"))
@@ -471,6 +478,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.pre_steps is None:
         args.pre_steps = max(1, args.budget // 4)
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error(f"--batch-size: expected a positive integer, got {args.batch_size}")
     if not {"adam", "adamw"} & set(args.contenders):
         p.error("--contenders must include adam or adamw (the target)")
     return args
@@ -485,6 +494,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
         warnings.simplefilter("ignore")
         for name in args.tasks:
             task = TASKS[name]
+            if args.batch_size is not None:
+                task = replace(task, batch_size=args.batch_size)
             x, t = load_data(task, args.data_dir, args.text_chars)
             results.append(race_task(task, args, x, t))
             print(markdown([results[-1]]).split("\n\nTargets")[0], flush=True)

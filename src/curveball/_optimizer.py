@@ -59,7 +59,9 @@ PAPER_DEFAULTS: dict[str, Any] = {
     "curvature_fraction": 1.0,
 }
 """Constructor keywords with which ``CurveBall(model, **PAPER_DEFAULTS)`` is the authors'
-method (Henriques et al., ICCV 2019), whatever the defaults become."""
+method (Henriques et al., ICCV 2019), whatever the defaults become. (One guard applies to
+every setting: a trust-region test whose predicted and measured changes are both within
+:data:`ROUNDING_UNITS` units of the loss's precision leaves λ as it is.)"""
 
 ROUNDING_UNITS = 16
 """A trial loss above the loss before the step by at most this many units of the loss's

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from benchmarks import race
 
 
@@ -38,6 +40,30 @@ def test_a_tiny_race_reports_every_contender(tmp_path):
     assert tuned["chosen"] in race.LR_GRIDS["curveball-tuned"]
     assert tuned["pre_run_loss"][tuned["chosen"]] == min(tuned["pre_run_loss"].values())
     assert (tmp_path / "plots" / "char-lstm.png").stat().st_size > 0
+
+
+def test_the_batch_size_applies_to_every_task_and_contender(monkeypatch):
+    sizes = []
+    lockstep = race.lockstep_round
+
+    def recording(contenders, xb, tb):
+        sizes.append((len(xb), len(contenders)))
+        lockstep(contenders, xb, tb)
+
+    monkeypatch.setattr(race, "lockstep_round", recording)
+    results = race.run(
+        ["--tasks", "char-lstm", "--budget", "3", "--eval-every", "3", "--pre-steps", "1",
+         "--text-chars", "20000", "--batch-size", "5", "--contenders", "curveball", "adam"]
+    )  # fmt: skip
+    assert sizes == [(5, 2)] * 3
+    assert race.TASKS["char-lstm"].batch_size == 32  # the task itself is left as it is
+    assert [row["contender"] for row in results[0]["rows"]] == ["curveball", "adam"]
+
+
+def test_a_batch_size_below_one_is_refused_by_name(capsys):
+    with pytest.raises(SystemExit):
+        race.parse_args(["--batch-size", "0", "--contenders", "adam"])
+    assert "--batch-size" in capsys.readouterr().err
 
 
 def test_the_lockstep_counts_a_curveball_contenders_skipped_steps_by_reason():
