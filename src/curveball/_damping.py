@@ -32,8 +32,11 @@ import math
 LAMBDA_FLOOR = 1e-8
 """The damping that a failed test gives when λ was 0."""
 
-DEFAULT_FACTOR = (2.0 / 3.0) ** (1.0 / 5.0)
-"""The default per-step factor: ω = 2/3 per test at the default interval of 5 steps."""
+DEFAULT_INTERVAL = 5
+"""The default number of steps between trust-region tests (the paper's)."""
+
+DEFAULT_FACTOR = (2.0 / 3.0) ** (1.0 / DEFAULT_INTERVAL)
+"""The default per-step factor: ω = 2/3 per test at the default interval."""
 
 DEFAULT_THRESHOLDS = (0.25, 0.75)
 """The default ``(low, high)`` trust-ratio thresholds."""
@@ -78,7 +81,7 @@ def adjust_damping(
     lambd: float,
     ratio: float | None,
     thresholds: tuple[float, float] = DEFAULT_THRESHOLDS,
-    omega: float = DEFAULT_FACTOR**5,
+    omega: float = DEFAULT_FACTOR**DEFAULT_INTERVAL,
     minimum: float = DEFAULT_MINIMUM,
 ) -> float:
     """The new damping after a trust-ratio test.

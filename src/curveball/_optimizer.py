@@ -308,7 +308,7 @@ class CurveBall(torch.optim.Optimizer):
         auto_lambda: bool = True,
         lambda_factor: float = _damping.DEFAULT_FACTOR,
         lambda_thresholds: tuple[float, float] = _damping.DEFAULT_THRESHOLDS,
-        lambda_interval: int = 5,
+        lambda_interval: int = _damping.DEFAULT_INTERVAL,
         weight_decay: float = 0.0,
         *,
         step_size_interval: int = 1,
