@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -54,3 +55,20 @@ def test_cpu_attention_is_counted():
         out.sum().backward()
     # the four products of the gradients (dV, dP, dQ, dK), and the scores recomputed or not
     assert 2 * forward <= counter.get_total_flops() <= 2.5 * forward
+
+
+def test_the_table_sets_the_race_beside_the_count(tmp_path, capsys):
+    rows = [
+        {"contender": "curveball", "step_ms": 10.0, "step_ratio_to_adam": 0.5},
+        {"contender": "adamw", "step_ms": 4.0, "step_ratio_to_adam": 1.0},
+    ]
+    results = {"results": [{"task": "mnist-mlp", "best_adam": "adamw", "rows": rows}]}
+    path = tmp_path / "race.json"
+    path.write_text(json.dumps(results))
+    (row,) = step_flops.run(
+        ["--tasks", "mnist-mlp", "--contenders", "curveball", "--race", str(path)]
+    )
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("| mnist-mlp"))
+    ratio = row["ratio"]["curveball"]
+    assert line == f"| mnist-mlp | 0.059 | {ratio:.2f} | {1 / ratio:.2f} | 2.50 | 0.50 |"
+    assert step_flops.measured(results, "char-lstm", "curveball") == (None, None)
