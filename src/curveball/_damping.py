@@ -11,15 +11,15 @@ upper threshold) it shrinks, ``λ ← λ ω``; with ``ω = factor ** T``
 (Henriques et al., ICCV 2019, section 3.3; Martens 2010). A step that had to be
 skipped (a non-finite value) counts as a failed test; a test whose predicted
 and measured changes are both within the loss's rounding (a converged run) counts
-as none. A multiplicative rule
-never leaves ``λ = 0``, so growth from zero starts at :data:`LAMBDA_FLOOR`.
+as none. A multiplicative rule never leaves ``λ = 0``, so growth from zero starts
+at :data:`LAMBDA_FLOOR`.
 With ``reject_uphill`` (a default, not the paper's), a test that finds the loss
 risen (``r < 0``) also rejects the step, and λ doubles (:func:`after_rejection`).
 ``lambda_min`` is a floor that the shrinking stops at.
 
-The defaults (:data:`DEFAULT_FACTOR`, :data:`DEFAULT_THRESHOLDS`,
-:data:`DEFAULT_MINIMUM`) are the Levenberg-Marquardt rule of Hessian-free
-optimisation (Martens, ICML 2010, section 4.1): every 5 steps λ × 2/3 when
+The defaults (:data:`DEFAULT_INTERVAL`, :data:`DEFAULT_FACTOR`,
+:data:`DEFAULT_THRESHOLDS`, :data:`DEFAULT_MINIMUM`) are the Levenberg-Marquardt rule
+of Hessian-free optimisation (Martens, ICML 2010, section 4.1): every 5 steps λ × 2/3 when
 ``r > 3/4`` and λ × 3/2 when ``r < 1/4``, with λ kept at 0.05 or above. The
 paper's rule (factor 0.999 per step, thresholds 0.5 and 1.5, no floor) moves λ
 by 0.5 % per test, so λ hardly leaves its initial value.
