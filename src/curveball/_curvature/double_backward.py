@@ -24,6 +24,7 @@ from curveball._curvature.engine import (
     independent_predictions,
     owned_like,
 )
+from curveball._curvature.input_derivatives import InputDerivativeWatch
 
 _UNSUPPORTED = (
     "CurveBall cannot compute Jacobian products through this model: it has no forward-mode "
@@ -40,8 +41,8 @@ class DoubleBackwardEngine(JacobianEngine):
     :class:`~curveball._curvature.engine.DoubleBackwardUnsupported`.
     """
 
-    def __init__(self, params, tensors=None) -> None:
-        super().__init__(params, tensors)
+    def __init__(self, params, tensors=None, traits=None) -> None:
+        super().__init__(params, tensors, traits)
         self._predictions: torch.Tensor | None = None
         self._dummy: torch.Tensor | None = None
         self._backward: list[torch.Tensor] = []  # Jᵀ dummy, per used parameter
@@ -51,9 +52,11 @@ class DoubleBackwardEngine(JacobianEngine):
         self, model_fn: ModelFn, tangents: Sequence[torch.Tensor], *, jvp_follows: bool = True
     ):
         self._model_fn = model_fn
+        self.current_pass = "the first pass (y, J z)"
         self._record_rng(before=True)
         with torch.enable_grad():
-            y = check_predictions(model_fn())
+            with InputDerivativeWatch(self.traits):
+                y = check_predictions(model_fn())
             self._record_rng(before=False)
             if not y.requires_grad:
                 raise independent_predictions()
@@ -65,6 +68,8 @@ class DoubleBackwardEngine(JacobianEngine):
                 )
             except RuntimeError as error:
                 raise DoubleBackwardUnsupported(_UNSUPPORTED.format(_first_line(error))) from error
+            if all(g is None for g in grads):  # y requires grad through its inputs only
+                raise independent_predictions()
             self._used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
             self._backward = [grads[i] for i in self._used]
             return y, self.jvp(tangents)  # the first product differentiates the backward

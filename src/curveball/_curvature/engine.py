@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from curveball._curvature.input_derivatives import InputDerivativeWatch, ModelTraits
 from curveball._curvature.module_tensors import ModuleTensors
 from curveball._undo import RngSnapshot, buffers_kept
 
@@ -36,6 +37,24 @@ def independent_predictions() -> ValueError:
         "torch.no_grad(), does not detach its output, and that the parameters given to the "
         "optimizer are the ones the model uses (with requires_grad=True)."
     )
+
+
+def reaches(out: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
+    """Whether the autograd graph of ``out`` leads to any of ``params`` (a walk of the
+    graph's nodes, no computation): ``out`` may require gradients through its inputs
+    alone (input derivatives) without depending on the parameters."""
+    targets = {id(p) for p in params}
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in targets:
+            return True
+        stack.extend(child for child, _ in node.next_functions)
+    return False
 
 
 def owned_like(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]):
@@ -71,11 +90,19 @@ class JacobianEngine(ABC):
     Args:
         params: the trainable parameters ``w``.
         tensors: where they live inside the model (``None`` for bare parameters).
+        traits: what is known of ``model_fn`` (shared between the engines of a step).
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], tensors: ModuleTensors | None) -> None:
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        tensors: ModuleTensors | None,
+        traits: ModelTraits | None = None,
+    ) -> None:
         self.params = list(params)
         self.tensors = tensors
+        self.traits = traits if traits is not None else ModelTraits()
+        self.current_pass = "the first pass (y, J z)"  # for messages about a failure
         self._model_fn: ModelFn | None = None
         self._rng_before: RngSnapshot | None = None
         self._rng_after: RngSnapshot | None = None
@@ -140,11 +167,25 @@ class JacobianEngine(ABC):
         with self.tensors.substituted(params, self._scratch_buffers()):
             return check_predictions(self._model_fn())
 
-    @torch.no_grad()
     def evaluate(self) -> torch.Tensor:
-        """Predictions on the same batch at the current parameters (buffers untouched)."""
+        """Predictions on the same batch at the current parameters (buffers untouched).
+
+        Without gradients, or, for a model function that differentiates the network
+        with respect to its inputs, with gradients enabled and the parameters
+        detached: graphs in the inputs only (see
+        :mod:`~curveball._curvature.input_derivatives`). The result is detached.
+        """
+        self.current_pass = "the evaluation of the trust-region test"
+        if not self.traits.input_derivatives:
+            with torch.no_grad():
+                return self._evaluated(None)
+        detached = [p.detach() for p in self.params] if self.tensors is not None else None
+        with torch.enable_grad(), InputDerivativeWatch(self.traits):
+            return self._evaluated(detached).detach()
+
+    def _evaluated(self, params: Sequence[torch.Tensor] | None) -> torch.Tensor:
         if self.tensors is not None:
-            return self.rerun(None)
+            return self.rerun(params)
         assert self._model_fn is not None and self._rng_before is not None
         self._rng_before.restore()
         with buffers_kept():

@@ -15,6 +15,12 @@ attempted once more with the double-backward engine:
   ``torch.compile``'d module), :class:`DoubleBackwardUnsupported` is raised and
   forward mode stays selected.
 
+A model function that differentiates the network with respect to its inputs is
+recognised by the first forward-mode pass that meets ``torch.autograd.grad``
+(:mod:`~curveball._curvature.input_derivatives`): the step is undone and computed
+again in forward mode without the lean rules, which the following steps keep.
+That is not a fallback and gives no warning.
+
 A fallback caused by one unusual batch does not pin the optimizer to the slow
 path: after a fallback, forward mode is tried again after ``retry`` steps, with
 ``retry`` = 10 at first and doubling (up to 1,000) each time forward mode fails
@@ -24,6 +30,7 @@ again; a success resets it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from typing import TypeVar
 
 import torch
@@ -31,6 +38,7 @@ import torch
 from curveball._curvature.double_backward import DoubleBackwardEngine
 from curveball._curvature.engine import DoubleBackwardUnsupported, JacobianEngine
 from curveball._curvature.forward_mode import ForwardModeEngine
+from curveball._curvature.input_derivatives import InputDerivativesSeen, ModelTraits
 from curveball._curvature.module_tensors import ModuleTensors
 
 MODES = ("auto", "forward", "double-backward")
@@ -60,8 +68,11 @@ class EngineChoice:
         if mode not in MODES:
             raise ValueError(f"forward_mode: expected one of {MODES}, got {mode!r}")
         self.mode = mode if tensors is not None else "double-backward"
-        self._forward = ForwardModeEngine(params, tensors) if tensors is not None else None
-        self._double = DoubleBackwardEngine(params, tensors)
+        self.traits = ModelTraits()
+        self._forward = (
+            ForwardModeEngine(params, tensors, self.traits) if tensors is not None else None
+        )
+        self._double = DoubleBackwardEngine(params, tensors, self.traits)
         self._on_fallback = on_fallback
         self._wait = 0  # steps left on double backward before forward mode is tried again
         self._retry = FIRST_RETRY
@@ -80,6 +91,14 @@ class EngineChoice:
         ``undo`` puts the module's buffers back after a failed attempt (the
         random generators are rewound here).
         """
+        for _ in range(len(fields(ModelTraits))):
+            try:
+                return self._run(attempt, undo)
+            except InputDerivativesSeen:  # a trait is now known: the same engines, adapted
+                undo()
+        return self._run(attempt, undo)
+
+    def _run(self, attempt: Callable[[JacobianEngine], T], undo: Callable[[], None]) -> T:
         self.fell_back = False
         if self.mode != "auto":
             return self._attempt(self.engine, attempt)
@@ -90,7 +109,7 @@ class EngineChoice:
         try:
             result = self._attempt(self._forward, attempt)
         except (RuntimeError, NotImplementedError) as error:
-            forward_error = error
+            forward_error, failed_pass = error, self._forward.current_pass
         else:
             self._retry = FIRST_RETRY
             return result
@@ -106,9 +125,10 @@ class EngineChoice:
             first = str(forward_error).strip().splitlines()
             reason = first[0] if first else type(forward_error).__name__
             self._on_fallback(
-                f"CurveBall: forward-mode AD failed in this model ({type(forward_error).__name__}:"
-                f" {reason}); the step was computed with the slower double-backward products, "
-                f"which the next {self._wait} steps use too before forward mode is tried again"
+                f"CurveBall: forward-mode AD failed in {failed_pass} of this model "
+                f"({type(forward_error).__name__}: {reason}); the step was computed with the "
+                f"slower double-backward products, which the next {self._wait} steps use too "
+                "before forward mode is tried again"
             )
         return result
 

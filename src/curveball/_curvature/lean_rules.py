@@ -82,6 +82,11 @@ from curveball._curvature.attention_rule import (
     attention_primal,
     attention_tangent,
 )
+from curveball._curvature.input_derivatives import (
+    GRAD_FUNCTIONS,
+    InputDerivativesSeen,
+    differentiated,
+)
 from curveball._curvature.normalization_rule import NORMS, batch_norm_tangent
 from curveball._curvature.recurrent_rule import (
     RecurrentCall,
@@ -160,13 +165,26 @@ class LeanTangents(TorchFunctionMode):
         replay: the :attr:`records` of an earlier pass at the same point and batch
             whose primal results may be reused, or ``None``.
         record: keep this pass's primal results in :attr:`records`.
+        lean: apply the lean rules. ``False`` for a model function that
+            differentiates the network with respect to its inputs
+            (:mod:`~curveball._curvature.input_derivatives`): then only ``no_grad``
+            blocks, weight normalisation and the recurrent kernels' choice are
+            handled here, and every other function keeps PyTorch's formulas, whose
+            backward graphs carry the parameters' tangents. With ``lean=True`` a call
+            of ``torch.autograd.grad`` raises
+            :class:`~curveball._curvature.input_derivatives.InputDerivativesSeen`.
     """
 
     def __init__(
-        self, level: int, replay: list[Record] | None = None, record: bool = False
+        self,
+        level: int,
+        replay: list[Record] | None = None,
+        record: bool = False,
+        lean: bool = True,
     ) -> None:
         super().__init__()
         self.level = level
+        self.lean = lean
         self.records: list[Record] = []
         self._record = record
         self._replay = replay
@@ -208,34 +226,43 @@ class LeanTangents(TorchFunctionMode):
     # ----------------------------------------------------------------- rules
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in GRAD_FUNCTIONS:
+            if self.lean:
+                raise InputDerivativesSeen(f"{func.__name__} called inside model_fn")
+            return differentiated(func, args, kwargs)
         if not torch.is_grad_enabled():  # a no_grad block of the model: no tangents either
             return func(*tree_map(self._primal_only, args), **tree_map(self._primal_only, kwargs))
-        if func in _BILINEAR:
-            out = self._bilinear(func, args, kwargs)
-        elif func in _MAX_POOL:
-            out = self._max_pool(func, args, kwargs)
-        elif func in _AVG_POOL:
-            out = self._linear_pool(func, args, kwargs)
-        elif func is F.batch_norm:
-            out = self._batch_norm(args, kwargs)
-        elif func in NORMS:
-            out = self._norm(func, args, kwargs)
-        elif func is F.scaled_dot_product_attention:
-            out = self._attention(args, kwargs)
-        elif func is F.multi_head_attention_forward:
-            out = self._multi_head_attention(func, args, kwargs)
-        elif func is torch._weight_norm:
+        out = self._lean_rule(func, args, kwargs) if self.lean else None
+        if out is not None:
+            return out
+        if func is torch._weight_norm:
             v, g, *rest = (*args, *kwargs.values())
             dim = rest[0] if rest else 0
             return v * (g / torch.norm_except_dim(v, 2, dim))
-        elif func in _RECURRENT:
-            out = self._recurrent(func, args, kwargs)
-            if out is None:
-                with _onednn_disabled():
-                    return func(*args, **kwargs)
-        else:
-            out = None
-        return func(*args, **kwargs) if out is None else out
+        if func in _RECURRENT:
+            with _onednn_disabled():
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _lean_rule(self, func, args: tuple, kwargs: dict):
+        """The lean rule's result for this call, or ``None`` where none applies."""
+        if func in _BILINEAR:
+            return self._bilinear(func, args, kwargs)
+        if func in _MAX_POOL:
+            return self._max_pool(func, args, kwargs)
+        if func in _AVG_POOL:
+            return self._linear_pool(func, args, kwargs)
+        if func is F.batch_norm:
+            return self._batch_norm(args, kwargs)
+        if func in NORMS:
+            return self._norm(func, args, kwargs)
+        if func is F.scaled_dot_product_attention:
+            return self._attention(args, kwargs)
+        if func is F.multi_head_attention_forward:
+            return self._multi_head_attention(func, args, kwargs)
+        if func in _RECURRENT:
+            return self._recurrent(func, args, kwargs)
+        return None
 
     def _bilinear(self, func, args: tuple, kwargs: dict):
         if len(args) < 2 or "input" in kwargs or "weight" in kwargs:
