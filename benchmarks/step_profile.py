@@ -1,7 +1,7 @@
 """Where a CurveBall step's time goes, stage by stage, on the race's tasks.
 
 ``CurveBall.step`` labels its stages for ``torch.profiler``
-(:data:`curveball._optimizer.PHASES`): the first forward-mode pass, the loss
+(:data:`curveball._products.PHASES`): the first forward-mode pass, the loss
 derivatives, the backward pass, the second forward-mode pass, the host read and
 2×2 solve, the update and the trust-region test's forward pass. This benchmark
 profiles ``--steps`` steps of CurveBall at its defaults on each task (after
@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import race
 from curveball import CurveBall
-from curveball._optimizer import PHASES
+from curveball._products import PHASES
 
 STEP_KEY = "Optimizer.step#CurveBall.step"
 SHORT = ("pass 1", "loss", "backward", "pass 2", "scalars", "update", "test")

@@ -161,8 +161,10 @@ def test_bad_parameters_are_refused():
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         CurveBall(frozen)
-    with pytest.raises(ValueError, match="complex"):
-        CurveBall([nn.Parameter(torch.zeros(2, dtype=torch.complex64))])
+    with pytest.raises(ValueError, match="floating-point parameters"):
+        CurveBall(
+            [nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)], lambd=0.1
+        ).add_param_group({"params": [torch.zeros(2, dtype=torch.int32)]})
     with pytest.raises(ValueError, match="sparse"):
         CurveBall([nn.Parameter(torch.eye(2).to_sparse())])
     with pytest.raises(ValueError, match="forward_mode"):

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import sysconfig
 import venv
 import zipfile
 from pathlib import Path
 
 import pytest
+
+import curveball
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,12 +38,24 @@ def test_the_wheel_holds_the_library_its_type_marker_and_license_only(wheel):
 
 def test_the_wheel_installs_and_imports_in_a_fresh_environment(wheel, tmp_path):
     env_dir = tmp_path / "env"
-    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+    venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_CONSTRAINT")}
+    # The fresh environment sees the running interpreter's packages (torch among them),
+    # inside a virtual environment as outside one, after its own (the wheel's curveball).
+    # A path in a .pth file is added as is: the .pth files in it (an editable curveball's
+    # finder) are not run.
+    target = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True, env=env,
+    ).stdout.strip()  # fmt: skip
+    running = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    (Path(target) / "running-interpreter.pth").write_text("\n".join(sorted(running)) + "\n")
     subprocess.run(
         [str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)],
         check=True,
         timeout=300,
+        env=env,
     )
     probe = (
         "import curveball, torch; "
@@ -48,7 +64,8 @@ def test_the_wheel_installs_and_imports_in_a_fresh_environment(wheel, tmp_path):
         "print(curveball.__version__, curveball.__file__)"
     )
     result = subprocess.run(
-        [str(python), "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path
-    )
+        [str(python), "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path,
+        env=env,
+    )  # fmt: skip
     version, location = result.stdout.split()
-    assert version == "0.2.0" and location.startswith(str(env_dir))
+    assert version == curveball.__version__ and location.startswith(str(env_dir))

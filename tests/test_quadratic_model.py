@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from curveball._quadratic_model import QuadraticModel, convexified
+from curveball._plan import Plan
+from curveball._quadratic_model import QuadraticModel, convexified, decide
 from curveball._step_scalars import CURVATURE_TERMS, StepScalars
 
 finite = st.floats(-10.0, 10.0, allow_nan=False, allow_infinity=False)
@@ -113,3 +115,62 @@ def test_an_indefinite_network_curvature_is_replaced_by_its_positive_part():
     first_step = dict(zip(CURVATURE_TERMS, (-3.0, 0.0, 0.0, 0.3, 0.0), strict=True))
     out, indefinite = convexified(first_step)  # z = 0: only (JΔz)ᵀH_L(JΔz), and it is negative
     assert indefinite and out["jdz_h_jdz"] == out["jz_h_jdz"] == out["jz_h_jz"] == 0.0
+
+
+# --------------------------------------------------------------------------- decide
+def step_scalars(loss=1.0, finite=True, dz_dz=4.0, curvature=None, **groups):
+    terms = curvature or {"jdz_h_jdz": 3.0, "jz_h_jdz": 0.5, "jz_h_jz": 1.0, "jl_jdz": 2.0,
+                          "jl_jz": 0.3}  # fmt: skip
+    base = {"dz_dz": (dz_dz,), "z_dz": (0.2,), "z_z": (0.5,)}
+    return StepScalars(loss, finite, terms, {**base, **groups})
+
+
+PLAN = Plan(step=4, lambd=0.1, refresh=True, trial=False, loss_scale=None, precondition=None,
+            curvature_fraction=1.0)  # fmt: skip
+AUTO = {"momentum": None, "beta": None}
+
+
+@pytest.mark.parametrize(
+    ("scalars", "plan", "reason"),
+    [(step_scalars(loss=math.nan), PLAN, "non-finite loss"),
+     (step_scalars(finite=False), PLAN, "non-finite predictions"),
+     (step_scalars(dz_dz=math.inf), PLAN, "non-finite Δz"),
+     (step_scalars(dz_dz=math.inf), replace(PLAN, loss_scale=1024.0),
+      "float16 overflow of the loss scale 1024"),
+     (step_scalars(curvature={**step_scalars().curvature, "jz_h_jz": math.nan}), PLAN,
+      "non-finite J Δz or 2×2 system")],
+)  # fmt: skip
+def test_a_step_that_cannot_be_taken_is_skipped_with_its_reason(scalars, plan, reason):
+    info, _ = decide(scalars, plan, AUTO, (0.5, 0.2), (0.0,))
+    assert info.skipped and info.reason == reason
+
+
+def test_the_decision_is_the_models_minimiser():
+    scalars = step_scalars()
+    info, indefinite = decide(scalars, PLAN, AUTO, None, (0.0,))
+    sizes = QuadraticModel.assemble(scalars, 0.1, (0.0,)).solve()
+    assert not indefinite and not info.skipped and info.refreshed
+    assert (info.rho, info.beta, info.predicted_change) == (sizes.rho, sizes.beta,
+                                                            sizes.predicted_change)  # fmt: skip
+
+
+def test_between_refreshes_the_last_sizes_are_reused_or_the_fixed_ones():
+    no_refresh = replace(PLAN, refresh=False)
+    info, _ = decide(step_scalars(), no_refresh, AUTO, (0.5, 0.2), (0.0,))
+    assert (info.rho, info.beta, info.refreshed) == (0.5, 0.2, False)
+    assert math.isnan(info.predicted_change)
+    info, _ = decide(step_scalars(), no_refresh, {"momentum": 0.9, "beta": None}, (0.5, 0.2), (0,))
+    assert (info.rho, info.beta) == (0.9, 0.2)
+
+
+def test_an_indefinite_system_is_reported_and_convexified():
+    curvature = {"jdz_h_jdz": -3.0, "jz_h_jdz": 0.5, "jz_h_jz": 1.0, "jl_jdz": 2.0, "jl_jz": 0.3}
+    info, indefinite = decide(step_scalars(curvature=curvature), PLAN, AUTO, None, (0.0,))
+    assert indefinite and not info.skipped and info.predicted_change < 0
+
+
+def test_no_descent_direction_is_a_skip_that_says_so():
+    zero = dict.fromkeys(CURVATURE_TERMS, 0.0) | {"jl_jdz": 1.0}
+    scalars = StepScalars(1.0, True, zero, {"dz_dz": (0.0,), "z_dz": (0.0,), "z_z": (0.0,)})
+    info, _ = decide(scalars, replace(PLAN, lambd=0.0), AUTO, None, (0.0,))
+    assert info.skipped and info.reason.startswith("no move")

@@ -12,8 +12,10 @@ from torch import nn
 
 from curveball import CurveBall
 from curveball._state import CurveBallState
+from curveball.losses import cross_entropy as closed_form_cross_entropy
 
 FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint_0_1_0.pt"
+FIXTURE_0_2_0 = Path(__file__).parent / "fixtures" / "checkpoint_0_2_0.pt"
 
 
 def fixture_model() -> nn.Module:
@@ -45,6 +47,26 @@ def test_a_checkpoint_of_release_0_1_0_resumes_exactly():
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, saved["expected_model"][name], rtol=1e-13, atol=1e-15)
     assert opt.lambd == pytest.approx(saved["expected_lambd"], rel=1e-13)
+
+
+def test_a_checkpoint_of_release_0_2_0_resumes_exactly():
+    """Written by the 0.2.0 release (two groups, weight decay, the preconditioner's average):
+    the model, the optimizer after four steps, the next batches and the result after them."""
+    saved = torch.load(FIXTURE_0_2_0, weights_only=False)
+    model = fixture_model()
+    model.load_state_dict(saved["model"])
+    groups = [
+        {"params": model[0].parameters(), "weight_decay": 1e-2},
+        {"params": model[2].parameters(), "lr": 0.5},
+    ]
+    opt = CurveBall(groups, model=model, lambd=0.3, lambda_interval=2)
+    opt.load_state_dict(saved["optimizer"])
+    assert opt.steps == 4 and all("dz_square_average" in s for s in opt.state.values())
+    for x, t in saved["batches"]:
+        opt.step(lambda x=x: model(x), closed_form_cross_entropy(t))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, saved["expected_model"][name])  # to the last bit
+    assert opt.lambd == saved["expected_lambd"]
 
 
 def test_every_hyper_parameter_is_in_the_param_groups_and_the_state_dict():

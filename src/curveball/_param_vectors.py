@@ -7,7 +7,9 @@ the parameters: forward-mode AD then takes ``z`` and ``Δz`` as tangents without
 copying them (a tangent must have its parameter's memory layout), and the
 back-propagated ``Jᵀ u`` arrives in exactly that form. :class:`ParamLayout`
 forms the per-group inner products of such lists and averages them over
-processes through one flattened buffer per (device, dtype).
+processes through one flattened buffer per (device, dtype). A complex parameter is
+its (real, imaginary) pair throughout (:func:`real_view`): inner products are
+``Re⟨a, b⟩``, as ``torch.optim`` treats complex parameters.
 """
 
 from __future__ import annotations
@@ -22,9 +24,18 @@ HALF_PRECISION = (torch.float16, torch.bfloat16)
 """Dtypes whose arithmetic CurveBall carries out in float32."""
 
 
+def real_view(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as its (real, imaginary) pairs (``torch.view_as_real``); a real
+    one as it is. The parameter space of a complex parameter is that of its pairs, as in
+    ``torch.optim``."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
 def dot(a: torch.Tensor, b: torch.Tensor, precise: bool = False) -> torch.Tensor:
     """Inner product of two same-shaped tensors, accumulated in float32 or better
-    (in float64 if ``precise``)."""
+    (in float64 if ``precise``); for complex tensors the real one, ``Re⟨a, b⟩``, of their
+    pairs."""
+    a, b = real_view(a), real_view(b)
     if precise and a.dtype != torch.float64:
         a, b = a.double(), b.double()
     elif a.dtype in HALF_PRECISION or a.dtype != b.dtype:
@@ -80,7 +91,7 @@ class ParamLayout:
         if averager.world_size == 1:
             return
         for indices in self._buckets:
-            parts = [vector[i] for i in indices]
+            parts = [real_view(vector[i]) for i in indices]
             flat = torch.cat([t.reshape(-1) for t in parts])
             averager.mean_([flat])
             pieces = torch.split(flat, [t.numel() for t in parts])

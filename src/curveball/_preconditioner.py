@@ -27,11 +27,13 @@ from collections.abc import Sequence
 
 import torch
 
-from curveball._param_vectors import HALF_PRECISION
+from curveball._param_vectors import HALF_PRECISION, real_view
 
 
 def average_dtype(p: torch.Tensor) -> torch.dtype:
-    """The dtype of parameter ``p``'s moving average: float32 for half precision."""
+    """The dtype of parameter ``p``'s moving average: float32 for half precision (a
+    complex parameter's average is complex: the averages of its real and its imaginary
+    parts' squares)."""
     return torch.float32 if p.dtype in HALF_PRECISION else p.dtype
 
 
@@ -71,6 +73,15 @@ def precondition_(
             parameter-sized tensors cost several times more on a CPU).
     """
     updated, denominators = workspace if workspace is not None else workspace_like(averages)
+    _moments(dz, averages, updated, denominators, decay, eps)
+    divide_(dz, denominators)
+    return updated, denominators
+
+
+def _moments(dz, averages, updated, denominators, decay: float, eps: float) -> None:
+    """``v' = γ v + (1 − γ) Δz²`` and ``√v' + ε`` into ``updated`` and ``denominators``."""
+    dz, averages = [real_view(t) for t in dz], [real_view(t) for t in averages]
+    updated, denominators = [real_view(t) for t in updated], [real_view(t) for t in denominators]
     wide = [d.float() if d.dtype in HALF_PRECISION else d for d in dz]
     torch._foreach_copy_(updated, list(averages))
     torch._foreach_mul_(updated, decay)
@@ -83,9 +94,23 @@ def precondition_(
     torch._foreach_copy_(denominators, updated)
     torch._foreach_sqrt_(denominators)
     torch._foreach_add_(denominators, eps)
-    if all(w is d for w, d in zip(wide, dz, strict=True)):
+
+
+def divide_(dz: Sequence[torch.Tensor], denominators: Sequence[torch.Tensor]) -> None:
+    """``d = Δz / (√v' + ε)`` in place (element-wise on the pairs of complex parameters)."""
+    dz, denominators = [real_view(t) for t in dz], [real_view(t) for t in denominators]
+    if all(d.dtype not in HALF_PRECISION for d in dz):
         torch._foreach_div_(list(dz), denominators)
     else:
-        for d, w, denominator in zip(dz, wide, denominators, strict=True):
-            d.copy_(w / denominator)
-    return updated, denominators
+        for d, denominator in zip(dz, denominators, strict=True):
+            d.copy_((d.float() if d.dtype in HALF_PRECISION else d) / denominator)
+
+
+def multiplied(d: Sequence[torch.Tensor], denominators: Sequence[torch.Tensor]):
+    """``Δz = d · (√v' + ε)``: ``Δz`` back from the direction, as new tensors."""
+    out = []
+    for x, denominator in zip(d, denominators, strict=True):
+        denominator = real_view(denominator)
+        product = real_view(x).to(denominator.dtype) * denominator
+        out.append(torch.view_as_complex(product) if x.is_complex() else product)
+    return out

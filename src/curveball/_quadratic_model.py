@@ -27,14 +27,23 @@ indefinite, and the model then has no minimiser on the plane.
 the 2×2 matrix), so that with ``λ > 0`` the system is positive definite and the
 step still descends along the true gradient; an indefinite ``N`` also proves
 that ``H_L`` is not positive semi-definite.
+
+:func:`decide` is the stage of a step built on this: from the step's scalars it
+either solves for ρ and β (or reuses them) or names the reason why the step
+cannot be taken (a non-finite value, no descent direction in the plane).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
+from curveball._curvature.loss_derivatives import MAX_CLAMPED_OUTPUTS
+from curveball._loss_scale import MIN_SCALE
+from curveball._plan import Plan
+from curveball._step_info import StepInfo
 from curveball._step_scalars import StepScalars
 
 
@@ -100,6 +109,14 @@ class QuadraticModel:
             return sum(k * v for k, v in zip(weight_decays, groups[term], strict=True))
 
         a12 = net["jz_h_jdz"] + damped("z_dz")
+        if "raw_z" in groups:  # conjugate directions: r = (G + λI) z + g, the plane at z
+            return QuadraticModel(
+                a11=net["jdz_h_jdz"] + damped("dz_dz"),
+                a12=a12,
+                a22=net["jz_h_jz"] + damped("z_z"),
+                b1=sum(groups["raw_dz"]),
+                b2=sum(groups["raw_z"]),
+            )
         if "raw_dz" in groups:  # gᵀΔz = (the model's gradient at z)ᵀΔz − zᵀ(G + λI)Δz
             assert scalars.curvature is not None
             b1 = sum(groups["raw_dz"]) - scalars.curvature["jz_h_jdz"] - damped("z_dz")
@@ -182,3 +199,71 @@ def _pseudo_solve(m: QuadraticModel, rtol: float) -> tuple[float, float]:
             x1 += coefficient * v1
             x2 += coefficient * v2
     return x1 * s1, x2 * s2
+
+
+NOT_CONVEX = (
+    "CurveBall: the loss is not convex in the predictions (its Hessian H_L has negative "
+    "curvature along this step's directions); this step uses the positive part of the "
+    "2×2 model, and later steps the positive part of H_L per sample (for up to "
+    f"{MAX_CLAMPED_OUTPUTS} predictions per sample; beyond that, each step's 2×2 model "
+    "is made convex), which keeps the curvature positive semi-definite as the method "
+    "requires"
+)
+"""The warning given once when :func:`convexified` finds the loss not convex."""
+
+
+def _not_finite(scalars: StepScalars, plan: Plan) -> str | None:
+    """Why the step's loss, predictions or ``Δz`` make it impossible, if they do."""
+    if not math.isfinite(scalars.loss):
+        return "non-finite loss"
+    if not scalars.predictions_finite:
+        return "non-finite predictions"
+    if not all(math.isfinite(v) for v in scalars.groups["dz_dz"]):
+        if plan.loss_scale is not None and plan.loss_scale > MIN_SCALE:
+            return f"float16 overflow of the loss scale {plan.loss_scale:g}"
+        return "non-finite Δz"
+    return None
+
+
+def decide(
+    scalars: StepScalars,
+    plan: Plan,
+    hyper: dict[str, Any],
+    last: tuple[float, float] | None,
+    weight_decays: Sequence[float],
+) -> tuple[StepInfo, bool]:
+    """Solve for ρ and β (or reuse ``last``), unless the step cannot be taken.
+
+    Returns the step's :class:`StepInfo` (``skipped`` with a ``reason`` when it
+    cannot be taken) and whether the network-side system was indefinite (the loss
+    is not convex in the predictions: the caller switches to the positive part of
+    ``H_L``).
+    """
+    last = last or (0.0, 0.0)
+    info = StepInfo(plan.step, scalars.loss, *last, plan.lambd, plan.lambd, 0.0)
+    reason = _not_finite(scalars, plan)
+    if reason is not None:
+        return replace(info, skipped=True, reason=reason), False
+    if not plan.refresh:
+        rho = hyper["momentum"] if hyper["momentum"] is not None else last[0]
+        beta = hyper["beta"] if hyper["beta"] is not None else last[1]
+        return replace(info, rho=rho, beta=beta, predicted_change=math.nan, refreshed=False), False
+    non_finite = replace(info, skipped=True, reason="non-finite J Δz or 2×2 system")
+    assert scalars.curvature is not None
+    if not all(math.isfinite(v) for v in scalars.curvature.values()):
+        return non_finite, False
+    curvature, indefinite = convexified(scalars.curvature)
+    model = QuadraticModel.assemble(scalars, plan.lambd, weight_decays, curvature)
+    if not model.is_finite():
+        return non_finite, indefinite
+    sizes = model.solve(hyper["momentum"], hyper["beta"])
+    if not all(math.isfinite(v) for v in (sizes.rho, sizes.beta, sizes.predicted_change)):
+        return replace(info, skipped=True, reason="non-finite 2×2 solution"), indefinite
+    info = replace(info, rho=sizes.rho, beta=sizes.beta, predicted_change=sizes.predicted_change)
+    if sizes.rho == 0.0 and sizes.beta == 0.0 and (model.b1 != 0.0 or model.b2 != 0.0):
+        reason = (
+            "no move: the quadratic model has no descent direction in span{z, Δz} "
+            "(no curvature and no damping along the gradient)"
+        )
+        return replace(info, skipped=True, reason=reason), indefinite
+    return info, indefinite

@@ -26,6 +26,10 @@ class StepInfo:
         reason: why it was skipped (what was non-finite, why it could not move, or
             that the loss rose on its batch and it was rejected).
         engine: ``"forward"`` or ``"double-backward"``: how the products were computed.
+        inner_steps: the iterations on the step's quadratic model that were taken
+            (``inner_steps`` of the optimizer, fewer if one could not be taken).
+        step_length: the fraction of the update that was taken (below 1 when the line
+            search shortened it).
     """
 
     step: int
@@ -40,6 +44,8 @@ class StepInfo:
     skipped: bool = False
     reason: str | None = None
     engine: str = "forward"
+    inner_steps: int = 1
+    step_length: float = 1.0
 
     def as_dict(self) -> dict[str, float]:
         """The numbers as plain floats, for any tracker (``nan`` where nothing was measured).

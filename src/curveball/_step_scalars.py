@@ -22,9 +22,11 @@ CURVATURE_TERMS = ("jdz_h_jdz", "jz_h_jdz", "jz_h_jz", "jl_jdz", "jl_jz")
 """Network-side terms: ``(JΔz)ᵀH_L(JΔz)``, ``(Jz)ᵀH_L(JΔz)``, ``(Jz)ᵀH_L(Jz)``,
 ``J_Lᵀ(JΔz)`` and ``J_Lᵀ(Jz)``."""
 
-GROUP_TERMS = ("dz_dz", "z_dz", "z_z", "w_dz", "w_z", "raw_dz")
+GROUP_TERMS = ("dz_dz", "z_dz", "z_z", "w_dz", "w_z", "raw_dz", "raw_z")
 """Parameter-side inner products, one value per parameter group (``raw_dz``: ``Δz``
-before the preconditioner with the direction ``d``, on a curvature mini-batch)."""
+before the preconditioner with the direction ``d``, on a curvature mini-batch or on an
+inner iteration along conjugate directions; ``raw_z``: the same ``Δz`` with the previous
+inner step, which takes the place of ``z`` there)."""
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ class DoubleBackwardEngine(JacobianEngine):
             self._backward = [grads[i] for i in self._used]
             return y, self.jvp(tangents)  # the first product differentiates the backward
 
-    def vjp(self, cotangent: torch.Tensor) -> list[torch.Tensor]:
+    def vjp(self, cotangent: torch.Tensor, keep_graph: bool = False) -> list[torch.Tensor]:
         assert self._predictions is not None
         grads = torch.autograd.grad(
             self._predictions, self.params, cotangent, retain_graph=True, allow_unused=True

@@ -25,7 +25,10 @@ def check_predictions(out: object) -> torch.Tensor:
             f"model_fn must return a torch.Tensor of predictions, got {type(out).__name__}"
         )
     if not out.is_floating_point():
-        raise TypeError(f"model_fn must return floating-point predictions, got dtype {out.dtype}")
+        raise TypeError(
+            f"model_fn must return real floating-point predictions, got dtype {out.dtype}"
+            + (" (return torch.view_as_real(y) for complex ones)" if out.is_complex() else "")
+        )
     return out
 
 
@@ -123,8 +126,9 @@ class JacobianEngine(ABC):
         """
 
     @abstractmethod
-    def vjp(self, cotangent: torch.Tensor) -> list[torch.Tensor]:
-        """``Jᵀ u`` for ``u`` shaped like the predictions, one tensor per parameter."""
+    def vjp(self, cotangent: torch.Tensor, keep_graph: bool = False) -> list[torch.Tensor]:
+        """``Jᵀ u`` for ``u`` shaped like the predictions, one tensor per parameter
+        (``keep_graph``: more products at this point follow)."""
 
     @abstractmethod
     def jvp(self, tangents: Sequence[torch.Tensor]) -> torch.Tensor:

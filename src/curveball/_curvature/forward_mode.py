@@ -137,13 +137,16 @@ class ForwardModeEngine(JacobianEngine):
         self._predictions = primal
         return primal, tangent
 
-    def vjp(self, cotangent: torch.Tensor) -> list[torch.Tensor]:
+    def vjp(self, cotangent: torch.Tensor, keep_graph: bool = False) -> list[torch.Tensor]:
         assert self._predictions is not None
         self.current_pass = "the backward pass (Δz)"
         if not self._predictions.requires_grad:
             return owned_like([None] * len(self.params), self.params)
-        grads = torch.autograd.grad(self._predictions, self.params, cotangent, allow_unused=True)
-        self._predictions = self._predictions.detach()  # the graph is gone
+        grads = torch.autograd.grad(
+            self._predictions, self.params, cotangent, retain_graph=keep_graph, allow_unused=True
+        )
+        if not keep_graph:
+            self._predictions = self._predictions.detach()  # the graph is gone
         return owned_like(grads, self.params)
 
     def jvp(self, tangents: Sequence[torch.Tensor]) -> torch.Tensor:

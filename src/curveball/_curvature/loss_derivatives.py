@@ -79,6 +79,11 @@ class LossDerivatives:
                 raise TypeError(
                     f"loss_fn must return a scalar torch.Tensor, got {type(loss).__name__}"
                 )
+            if loss.is_complex():
+                raise TypeError(
+                    f"loss_fn must return a real loss, got dtype {loss.dtype} (a complex loss "
+                    "has no minimum: take its absolute value or real part)"
+                )
             if loss.numel() != 1 or not loss.is_floating_point():
                 raise TypeError(
                     "loss_fn must return a floating-point scalar tensor (one element), "

@@ -1,0 +1,89 @@
+"""What one step computes, decided before it runs: its number, λ, and which stages run.
+
+A step always forms ``Δz``; it solves the 2×2 system for ρ and β (and so runs the
+second forward-mode pass) when it refreshes them, and it evaluates the loss
+after the update when it tests the trust region (every ``T`` steps). Between
+refreshes (``step_size_interval``) the last automatic ρ and β are reused, but
+only while :func:`reusable` allows it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from curveball import _hyperparameters as hyperparameters
+from curveball._loss_scale import float16_in_use
+from curveball._state import CurveBallState
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one step computes: its number, λ, whether it solves for ρ, β and tests λ."""
+
+    step: int
+    lambd: float
+    refresh: bool
+    trial: bool
+    loss_scale: float | None  # the float16 scale of the backward pass, if active
+    precondition: tuple[float, float] | None  # (decay, eps) of the diagonal preconditioner
+    curvature_fraction: float  # of the batch for J d (1: the whole batch)
+    inner_steps: int = 1  # iterations on the step's quadratic model (see _inner_loop)
+    gauss_newton: bool = False  # precondition with the dense (G + λI)⁻¹ (see _gauss_newton)
+    new_gauss_newton: bool = False  # form G afresh at this step
+    solver: str = "curveball"  # "curveball" (span{z, d}) or "conjugate" (span{z − z_prev, d})
+
+    @property
+    def minibatch(self) -> bool:
+        return self.curvature_fraction < 1.0
+
+
+def reusable(sizes: tuple[float, float] | None, hyper: dict[str, Any]) -> bool:
+    """Whether the last automatic ρ and β may be reused on a step that does not solve.
+
+    Only a contraction (0 ≤ ρ ≤ 1) along the descent direction (β ≥ 0) is: the exact
+    minimiser over one step's plane can be any pair (a negative or large ρ, a negative
+    β), which, repeated on later steps' planes, can make z grow geometrically (a ρ of
+    −1.6 reused did, on an MLP, until the loss overflowed). Other pairs are solved for anew.
+    """
+    if sizes is None:
+        return False
+    rho, beta = sizes
+    return (hyper["momentum"] is not None or 0.0 <= rho <= 1.0) and (
+        hyper["beta"] is not None or beta >= 0.0
+    )
+
+
+def parameter_count(params: list[torch.Tensor]) -> int:
+    """The number of real numbers in ``params`` (two per complex entry)."""
+    return sum(2 * p.numel() if p.is_complex() else p.numel() for p in params)
+
+
+def plan(state: CurveBallState, hyper: dict[str, Any], params: list[torch.Tensor]) -> Plan:
+    """The plan of the step after ``state.step`` steps, with the global hyper-parameters."""
+    step = state.step + 1
+    auto_sizes = hyper["momentum"] is None or hyper["beta"] is None
+    trial = hyper["auto_lambda"] and step % hyper["lambda_interval"] == 0
+    due = (step - 1) % hyper["step_size_interval"] == 0
+    refresh = trial or (auto_sizes and (due or not reusable(state.sizes, hyper)))
+    kind = hyperparameters.preconditioner(hyper["precondition"], parameter_count(params))
+    precondition = None
+    if kind == "diagonal":
+        precondition = (hyper["precondition_decay"], hyper["precondition_eps"])
+    dense = kind == "gauss-newton"
+    interval = hyper.get("precondition_interval", 1)
+    return Plan(
+        step=step,
+        lambd=state.lambd,
+        refresh=refresh,
+        trial=trial,
+        loss_scale=state.loss_scale if float16_in_use(params) else None,
+        precondition=precondition,
+        curvature_fraction=hyper["curvature_fraction"],
+        inner_steps=hyper.get("inner_steps", 1),
+        solver=hyper.get("solver", "curveball"),
+        gauss_newton=dense,
+        new_gauss_newton=dense and (step - 1) % interval == 0,
+    )

@@ -1,0 +1,76 @@
+"""The hyper-parameters: their checks, the paper's settings, and what may differ per group."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from curveball import CurveBall
+from curveball import _hyperparameters as hp
+
+VALID = {**hp.PAPER_DEFAULTS, "precondition_decay": 0.999, "precondition_eps": 1e-8,
+         "precondition_interval": 1}  # fmt: skip
+
+
+def test_the_names_are_the_constructors_hyperparameters():
+    opt = CurveBall(nn.Linear(2, 1))
+    assert set(hp.NAMES) == set(opt.defaults) == set(opt.param_groups[0]) - {"params"}
+    hp.check(VALID)  # the paper's settings are valid
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "match"),
+    [("lr", -1.0, "finite value >= 0"), ("lambd", float("inf"), "finite value >= 0"),
+     ("weight_decay", "0.1", "finite value >= 0"), ("lambda_min", float("nan"), ">= 0"),
+     ("lambda_factor", 0.0, r"\(0, 1\]"), ("lambda_factor", 1.5, r"\(0, 1\]"),
+     ("lambda_thresholds", (0.5, 0.5), "low < high"), ("lambda_thresholds", (1,), "low < high"),
+     ("lambda_interval", 0, "integer >= 1"), ("step_size_interval", True, "integer >= 1"),
+     ("momentum", float("nan"), "None"), ("precondition", 1, "'gauss-newton'"),
+     ("reject_uphill", None, "True or False"), ("precondition_decay", 1.0, r"\[0, 1\)"),
+     ("precondition", "adam", "'gauss-newton'"), ("precondition_interval", 0, "integer >= 1"),
+     ("inner_steps", 1.5, "integer >= 1"), ("solver", "cg", "expected one of"),
+     ("precondition_eps", 0.0, "> 0"), ("curvature_fraction", 0.0, r"\(0, 1\]"),
+     ("curvature_fraction", True, r"\(0, 1\]")],
+)  # fmt: skip
+def test_each_bad_value_gets_an_error_naming_it(name, value, match):
+    with pytest.raises(ValueError, match=rf"{name}: .*{match}"):
+        hp.check({**VALID, name: value})
+
+
+def test_only_lr_and_weight_decay_may_differ_between_groups():
+    groups = [dict(VALID, params=[]), dict(VALID, params=[], lr=0.5, weight_decay=0.1)]
+    assert hp.shared(groups, hp.NAMES) is groups[0]
+    groups[1]["lambd"] = 0.3
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['lambd'\]: 0.3 differs"):
+        hp.shared(groups, hp.NAMES)
+
+
+def test_the_module_is_both_params_and_model():
+    model = nn.Linear(2, 1)
+    params, module = hp.module_and_params(model, None, "auto")
+    assert module is model and list(params) == list(model.parameters())
+    with pytest.raises(ValueError, match="given twice"):
+        hp.module_and_params(model, nn.Linear(2, 1), "auto")
+    with pytest.raises(TypeError, match="got a Tensor"):
+        hp.module_and_params(torch.zeros(2, requires_grad=True), None, "auto")
+    with pytest.raises(ValueError, match="needs the nn.Module"):
+        hp.module_and_params(model.parameters(), None, "forward")
+    with pytest.raises(ValueError, match="forward_mode: expected one of"):
+        hp.module_and_params(model, None, "reverse")
+
+
+@pytest.mark.parametrize(
+    ("param", "match"),
+    [(torch.zeros(2, dtype=torch.int64), "floating-point"),
+     (torch.zeros(2, 2).to_sparse(), "sparse")],
+)  # fmt: skip
+def test_parameters_that_cannot_be_optimized_are_refused(param, match):
+    with pytest.raises(ValueError, match=match):
+        hp.check_parameters([param])
+
+
+def test_sparse_embeddings_are_refused_by_name():
+    model = nn.Sequential(nn.Embedding(4, 2, sparse=True))
+    with pytest.raises(ValueError, match=r"module '0' \(Embedding with sparse=True\)"):
+        hp.check_sparse_modules(model)
