@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from curveball import CurveBall
+from curveball import FULL_BATCH_DEFAULTS, CurveBall
 from curveball import _hyperparameters as hp
 
 VALID = {**hp.PAPER_DEFAULTS, "precondition_decay": 0.999, "precondition_eps": 1e-8,
@@ -74,3 +74,18 @@ def test_sparse_embeddings_are_refused_by_name():
     model = nn.Sequential(nn.Embedding(4, 2, sparse=True))
     with pytest.raises(ValueError, match=r"module '0' \(Embedding with sparse=True\)"):
         hp.check_sparse_modules(model)
+
+
+def test_the_full_batch_preset_solves_linear_least_squares_to_rounding():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 2).double()
+    x = torch.randn(40, 6, dtype=torch.float64)
+    t = torch.randn(40, 2, dtype=torch.float64)
+    opt = CurveBall(model, **FULL_BATCH_DEFAULTS)
+    for _ in range(8):
+        opt.step(lambda: (model(x) - t).reshape(-1), lambda r: 0.5 * (r**2).sum())
+    design = torch.cat([x, torch.ones(40, 1, dtype=torch.float64)], dim=1)
+    solution = torch.linalg.lstsq(design, t).solution
+    fitted = torch.cat([model.weight.T, model.bias[None]], dim=0)
+    torch.testing.assert_close(fitted, solution, rtol=1e-9, atol=1e-10)
+    assert hp.NAMES and set(FULL_BATCH_DEFAULTS) - {"forward_mode"} <= set(hp.NAMES)

@@ -13,7 +13,15 @@ from curveball import _damping, _layout
 from curveball._rollback import Rollback
 from curveball._state import CurveBallState
 from curveball._step_info import StepInfo
-from curveball._trust_region import ROUNDING_UNITS, judge, rose, rounding, trial_update
+from curveball._trust_region import (
+    HALVINGS,
+    ROUNDING_UNITS,
+    backtrack,
+    judge,
+    rose,
+    rounding,
+    trial_update,
+)
 
 HYPER = {"lambda_factor": 0.9, "lambda_interval": 2, "lambda_thresholds": (0.25, 0.75),
          "lambda_min": 0.0, "reject_uphill": True}  # fmt: skip
@@ -93,3 +101,42 @@ def test_the_update_is_undone_exactly_when_it_must_not_stand(trial, outcome):
     else:
         assert warning == "" and not record.skipped and record.trust_ratio == pytest.approx(1.0)
         assert all(torch.equal(a, 3 * b) for a, b in zip(layout.zs, zs, strict=True))
+
+
+class Line:
+    """A trial loss along the step: ``loss(t)`` at the fraction ``t`` of it."""
+
+    def __init__(self, loss):
+        self.loss, self.fraction, self.shrunk = loss, 1.0, []
+
+    def shrink(self, factor):
+        self.fraction *= factor
+        self.shrunk.append(factor)
+
+    def trial(self):
+        return self.loss(self.fraction), torch.float64
+
+
+def test_the_line_search_halves_until_the_loss_falls():
+    line = Line(lambda t: (t - 0.2) ** 2 + 0.9)  # L(w) = 0.94: the full step rises, t ≤ 0.25 falls
+    assert backtrack(0.94, line, line.trial) == 0.25
+    assert line.shrunk == [0.5, 0.5]
+
+
+def test_a_line_search_that_finds_no_descent_gives_up():
+    line = Line(lambda t: 2.0 + t)
+    assert backtrack(1.0, line, line.trial) is None and len(line.shrunk) == HALVINGS
+
+
+def test_with_the_line_search_a_rising_step_is_shortened_not_rejected():
+    model, layout, rollback = layout_and_rollback()
+    ws = [p.detach().clone() for p in layout.params]
+    calls = iter([1.5, 1.2, 0.95])  # the full step and half of it rise, a quarter falls
+    state = CurveBallState(lambd=0.5, rho=0.9, beta=0.1)
+    hyper = {**HYPER, "line_search": True}
+    record, warning = trial_update(info(), state, hyper, rollback, moved(layout),
+                                   lambda: (next(calls), torch.float64))  # fmt: skip
+    assert warning == "" and not record.skipped and record.step_length == 0.25
+    assert state.lambd == pytest.approx(0.5 / _damping.omega(0.9, 2))
+    for p, w, z in zip(layout.params, ws, layout.zs, strict=True):
+        torch.testing.assert_close(p, w + z, rtol=1e-14, atol=1e-14)  # z is the quarter step

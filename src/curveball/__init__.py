@@ -13,7 +13,8 @@ with an underscore is internal and may change between releases.
 from curveball import losses
 from curveball._curvature.engine import DoubleBackwardUnsupported
 from curveball._curvature.ggn import ggn_vector_product
-from curveball._optimizer import PAPER_DEFAULTS, CurveBall
+from curveball._hyperparameters import FULL_BATCH_DEFAULTS, PAPER_DEFAULTS
+from curveball._optimizer import CurveBall
 from curveball._step_info import StepInfo
 
 __version__ = "0.2.0"
@@ -21,6 +22,7 @@ __version__ = "0.2.0"
 __all__ = [
     "CurveBall",
     "DoubleBackwardUnsupported",
+    "FULL_BATCH_DEFAULTS",
     "PAPER_DEFAULTS",
     "StepInfo",
     "__version__",

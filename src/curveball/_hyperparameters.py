@@ -41,6 +41,28 @@ every setting: a trust-region test whose predicted and measured changes are both
 :data:`~curveball._trust_region.ROUNDING_UNITS` units of the loss's precision leaves λ as
 it is.)"""
 
+FULL_BATCH_DEFAULTS: dict[str, Any] = {
+    "lambd": 1e-2,
+    "lambda_factor": 2.0 / 3.0,
+    "lambda_interval": 1,
+    "lambda_min": 0.0,
+    "reject_uphill": True,
+    "line_search": True,
+    "precondition": "auto",
+    "precondition_interval": 10,
+    "inner_steps": 10,
+    "solver": "conjugate",
+    "forward_mode": "fastest",
+}
+"""Constructor keywords for a batch that comes every step (physics-informed networks on
+fixed or resampled collocation points, full-batch regression): ``CurveBall(model,
+**FULL_BATCH_DEFAULTS)``. Ten conjugate-gradient iterations on each step's model
+(:mod:`curveball._inner_loop`), preconditioned by the dense Gauss-Newton matrix formed
+every ten steps up to 2,048 parameters (:mod:`curveball._gauss_newton`) and by the
+diagonal beyond; a trust-region test at every step with the Levenberg-Marquardt rule
+(λ × 2/3 or × 3/2, from 0.01, no floor) and a backtracking line search before a rejection;
+the faster of forward mode and double backward, measured."""
+
 NAMES = (*PAPER_DEFAULTS, "precondition_decay", "precondition_eps", "precondition_interval")
 """Every hyper-parameter of the constructor (each lives in ``param_groups``)."""
 

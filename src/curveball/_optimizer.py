@@ -120,9 +120,9 @@ class CurveBall(torch.optim.Optimizer):
             floor, as in the paper; the initial λ may be lower, and rejections and
             skips still raise it).
         model: the module owning the parameters, when ``params`` are not a module.
-        forward_mode: ``"auto"`` (forward-mode AD, falling back to double backward as
-            :mod:`curveball._curvature.engine_choice` describes), ``"forward"`` or
-            ``"double-backward"``.
+        forward_mode: ``"auto"`` (forward-mode AD, falling back to double backward),
+            ``"forward"``, ``"double-backward"`` or ``"fastest"`` (the faster, measured):
+            :mod:`curveball._curvature.engine_choice`.
         process_group: the ``torch.distributed`` group to average over; by default
             the default group when ``torch.distributed`` is initialised.
 

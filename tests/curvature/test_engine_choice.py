@@ -144,3 +144,26 @@ def test_forward_mode_only_raises_the_original_error():
             lambda: NoForwardModeSquare.apply(model(torch.randn(2, 3, dtype=torch.float64))),
             lambda y: F.mse_loss(y, torch.zeros_like(y)),
         )
+
+
+@pytest.mark.parametrize(("double_share", "expected"), [(0.5, "double-backward"), (0.9, "auto")])
+def test_fastest_keeps_the_engine_whose_measured_step_was_faster(monkeypatch, double_share,
+                                                                 expected):  # fmt: skip
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    params = list(model.parameters())
+    choice = EngineChoice(params, engine_choice.ModuleTensors(model, params), "fastest")
+    clock = {"now": 0.0}
+    durations = iter([1.0, 1.0, 1.0, double_share, 1.0, 1.0])  # the calls' lengths, in order
+    monkeypatch.setattr(engine_choice.time, "perf_counter", lambda: clock["now"])
+    used = []
+
+    def attempt(engine):
+        used.append(type(engine).__name__)
+        clock["now"] += next(durations)
+
+    for _ in range(5):
+        choice.run(attempt, lambda: None)
+    assert used[:4] == ["ForwardModeEngine"] * 2 + ["DoubleBackwardEngine"] * 2
+    assert choice.mode == expected
+    later = "DoubleBackwardEngine" if expected == "double-backward" else "ForwardModeEngine"
+    assert used[4] == later

@@ -21,6 +21,14 @@ recognised by the first forward-mode pass that meets ``torch.autograd.grad``
 again in forward mode without the lean rules, which the following steps keep.
 That is not a fallback and gives no warning.
 
+``forward_mode="fastest"`` measures instead of assuming: the second step runs in
+forward mode, the fourth with double backward (the first and third warm each up), and
+the faster one serves from then on, double backward only if it took under
+:data:`FASTER` of forward mode's time. Models that differentiate themselves with
+respect to their inputs are where this matters: PyTorch's forward-mode formulas for a
+backward pass (forward-over-reverse) can cost several times the double-backward
+products there (on a physics-informed network, a measured 4× per product).
+
 A fallback caused by one unusual batch does not pin the optimizer to the slow
 path: after a fallback, forward mode is tried again after ``retry`` steps, with
 ``retry`` = 10 at first and doubling (up to 1,000) each time forward mode fails
@@ -29,6 +37,8 @@ again; a success resets it.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import TypeVar
@@ -41,7 +51,11 @@ from curveball._curvature.forward_mode import ForwardModeEngine
 from curveball._curvature.input_derivatives import InputDerivativesSeen, ModelTraits
 from curveball._curvature.module_tensors import ModuleTensors
 
-MODES = ("auto", "forward", "double-backward")
+MODES = ("auto", "forward", "double-backward", "fastest")
+
+FASTER = 0.8
+"""``"fastest"`` keeps double backward only if its step took less than this times forward
+mode's (forward mode is the default where the two are close)."""
 FIRST_RETRY, MAX_RETRY = 10, 1000
 
 T = TypeVar("T")
@@ -54,7 +68,8 @@ class EngineChoice:
         params: the trainable parameters.
         tensors: where they live in the module, or ``None`` (bare parameters:
             double backward only).
-        mode: ``"auto"``, ``"forward"`` (never fall back) or ``"double-backward"``.
+        mode: ``"auto"``, ``"forward"`` (never fall back), ``"double-backward"`` or
+            ``"fastest"``.
         on_fallback: called with a message when a step fell back.
     """
 
@@ -84,6 +99,8 @@ class EngineChoice:
             )
         )
         self.fell_back = False  # whether the last run fell back
+        self._trials = 0  # calls of run() measured by the "fastest" mode
+        self._forward_seconds = math.inf
 
     def run(self, attempt: Callable[[JacobianEngine], T], undo: Callable[[], None]) -> T:
         """``attempt(engine)`` with the chosen engine, falling back as documented.
@@ -98,7 +115,32 @@ class EngineChoice:
                 undo()
         return self._run(attempt, undo)
 
+    def _fastest(self, attempt: Callable[[JacobianEngine], T], undo: Callable[[], None]) -> T:
+        """One of the measured calls of ``"fastest"`` (see the module docstring)."""
+        call, start = self._trials, time.perf_counter()
+        self._trials += 1
+        if call < 2 or self._forward is None:
+            self.mode = "auto"
+            result = self._run(attempt, undo)
+            if not self.fell_back and self._forward is not None:
+                self.mode = "fastest"
+            if call == 1:
+                self._forward_seconds = time.perf_counter() - start
+            return result
+        try:
+            result = self._attempt(self._double, attempt)
+        except DoubleBackwardUnsupported:
+            undo()
+            self.mode = "auto"
+            return self._run(attempt, undo)
+        if call == 3:
+            faster = time.perf_counter() - start < FASTER * self._forward_seconds
+            self.mode = "double-backward" if faster else "auto"
+        return result
+
     def _run(self, attempt: Callable[[JacobianEngine], T], undo: Callable[[], None]) -> T:
+        if self.mode == "fastest":
+            return self._fastest(attempt, undo)
         self.fell_back = False
         if self.mode != "auto":
             return self._attempt(self.engine, attempt)
