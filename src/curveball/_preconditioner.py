@@ -83,16 +83,16 @@ def _moments(dz, averages, updated, denominators, decay: float, eps: float) -> N
     dz, averages = [real_view(t) for t in dz], [real_view(t) for t in averages]
     updated, denominators = [real_view(t) for t in updated], [real_view(t) for t in denominators]
     wide = [d.float() if d.dtype in HALF_PRECISION else d for d in dz]
-    torch._foreach_copy_(updated, list(averages))
-    torch._foreach_mul_(updated, decay)
+    for new, old in zip(updated, averages, strict=True):  # out=: one pass, not copy and scale
+        torch.mul(old, decay, out=new)
     torch._foreach_addcmul_(updated, wide, wide, value=1.0 - decay)
     # Δz² overflows float32 beyond |Δz| ≈ 1.8e19 (a loss near 1e20): v then saturates at the
     # largest finite value, so d stays finite and the step still descends
     for dtype in {t.dtype for t in updated}:
         same = [t for t in updated if t.dtype == dtype]
         torch._foreach_clamp_max_(same, torch.finfo(dtype).max)
-    torch._foreach_copy_(denominators, updated)
-    torch._foreach_sqrt_(denominators)
+    for root, new in zip(denominators, updated, strict=True):
+        torch.sqrt(new, out=root)
     torch._foreach_add_(denominators, eps)
 
 
