@@ -37,6 +37,12 @@ Contenders
     forward pass with dual parameters under ``torch.no_grad()`` (tangent only).
     That is the Jacobian-vector product, the vector-Jacobian product and the extra
     Jacobian-vector product a CurveBall step needs, with no optimizer bookkeeping at all.
+``authors`` (``--authors PATH``)
+    The authors' PyTorch implementation (``curveball.py`` of github.com/jotaf98/pytorch-curveball,
+    a local copy at ``PATH``, never part of this repository), with the settings of its MNIST
+    example: automatic ρ and β (``lr=-1, momentum=-1``), λ = 1 with its trust-region rule.
+    Its Jacobian products come from double backward, and it reads its 2×2 system with five
+    host transfers.
 ``curveball-k{K}`` (``--step-size-interval K``)
     CurveBall that re-solves the step sizes only every K steps.
 ``curveball-compiled`` (``--compile``)
@@ -70,10 +76,12 @@ import argparse
 import contextlib
 import copy
 import gc
+import importlib.util
 import json
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -280,7 +288,12 @@ def _ideal_step(model: nn.Module, x, t, seed: int, lean: bool) -> Callable[[], o
 
 
 def make_contender(
-    method: str, work: Workload, device: torch.device, seed: int, step_size_interval: int
+    method: str,
+    work: Workload,
+    device: torch.device,
+    seed: int,
+    step_size_interval: int,
+    authors=None,
 ) -> Contender:
     model = copy.deepcopy(work.model).to(device)
     model.train()
@@ -312,7 +325,34 @@ def make_contender(
         return Contender(method, step)
     if method in ("ideal", "ideal-lean"):
         return Contender(method, _ideal_step(model, x, t, seed, lean=method == "ideal-lean"))
+    if method == "authors":
+        return Contender(method, _authors_step(model, x, t, authors))
     raise ValueError(f"unknown method {method!r}")
+
+
+def load_authors(path: Path):
+    """The authors' ``CurveBall`` class from their ``curveball.py`` at ``path`` (a file, or
+    the folder of a checkout that holds it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "curveball.py"
+    if not path.is_file():
+        raise SystemExit(f"--authors: no curveball.py at {path}")
+    spec = importlib.util.spec_from_file_location("authors_curveball", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.CurveBall
+
+
+def _authors_step(model: nn.Module, x, t, authors) -> Callable[[], object]:
+    opt = authors(model.parameters(), lr=-1, momentum=-1, lambd=1.0)
+
+    def step() -> object:
+        with warnings.catch_warnings():  # its deprecated add_(Number, Tensor) calls
+            warnings.simplefilter("ignore", UserWarning)
+            return opt.step(lambda: model(x), lambda out: F.cross_entropy(out, t))
+
+    return step
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,13 +381,18 @@ def time_interleaved(
 
 
 def measure_peak_memory(
-    method: str, work: Workload, device: torch.device, seed: int, step_size_interval: int
+    method: str,
+    work: Workload,
+    device: torch.device,
+    seed: int,
+    step_size_interval: int,
+    authors=None,
 ) -> int | None:
     if device.type != "cuda":
         return None
     gc.collect()
     torch.cuda.empty_cache()
-    contender = make_contender(method, work, device, seed, step_size_interval)
+    contender = make_contender(method, work, device, seed, step_size_interval, authors)
     contender.step()
     common.sync(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -393,6 +438,13 @@ def parse_args(args: list[str] | None) -> argparse.Namespace:
         "--compile", action="store_true", help="add curveball on a torch.compile'd model"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--authors",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="add the authors' implementation from a local copy of its curveball.py",
+    )
     p.add_argument("--json", type=Path, default=None, metavar="PATH")
     ns = p.parse_args(args)
     if ns.repeats < 1 or ns.warmup < 0 or ns.batch_size < 1:
@@ -434,8 +486,8 @@ def format_targets(result: dict) -> str:
         medians.setdefault(r["model"], {})[r["method"]] = r["median_s"]
     lines = [
         "| model | curveball / ideal | curveball / sgd | double-backward / curveball "
-        "| older-double-backward / curveball |",
-        "|---|---:|---:|---:|---:|",
+        "| older-double-backward / curveball | curveball / authors |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for model, m in medians.items():
         cb = m.get("curveball")
@@ -446,7 +498,7 @@ def format_targets(result: dict) -> str:
         lines.append(
             f"| {model} | {ratio(cb, m.get('ideal'))} | {ratio(cb, m.get('sgd'))} | "
             f"{ratio(m.get('curveball-double-backward'), cb)} | "
-            f"{ratio(m.get('older-double-backward'), cb)} |"
+            f"{ratio(m.get('older-double-backward'), cb)} | {ratio(cb, m.get('authors'))} |"
         )
     return "\n".join(lines)
 
@@ -463,6 +515,9 @@ def run(args: list[str] | None = None) -> dict:
         methods.append(f"curveball-k{ns.step_size_interval}")
     if ns.compile:
         methods.append("curveball-compiled")
+    authors = load_authors(ns.authors) if ns.authors is not None else None
+    if authors is not None:
+        methods.append("authors")
 
     resnet_bs = ns.resnet_batch_size
     if resnet_bs is None:
@@ -486,7 +541,9 @@ def run(args: list[str] | None = None) -> dict:
         for method in methods:
             try:
                 contenders.append(
-                    make_contender(method, work, device, ns.seed, ns.step_size_interval or 1)
+                    make_contender(
+                        method, work, device, ns.seed, ns.step_size_interval or 1, authors
+                    )
                 )
             except Exception as exc:
                 if method != "curveball-compiled":
@@ -505,7 +562,7 @@ def run(args: list[str] | None = None) -> dict:
         del contenders
 
         peaks = {
-            m: measure_peak_memory(m, work, device, ns.seed, ns.step_size_interval or 1)
+            m: measure_peak_memory(m, work, device, ns.seed, ns.step_size_interval or 1, authors)
             for m in kept_methods
         }
 

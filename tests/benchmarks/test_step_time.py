@@ -68,7 +68,7 @@ def test_step_time_tiny_json(tmp_path):
         f"| tiny | {cb / by_method['ideal']['median_s']:.2f} | "
         f"{cb / by_method['sgd']['median_s']:.2f} | "
         f"{by_method['curveball-double-backward']['median_s'] / cb:.2f} | "
-        f"{by_method['older-double-backward']['median_s'] / cb:.2f} |"
+        f"{by_method['older-double-backward']['median_s'] / cb:.2f} | - |"
     )
     assert expected in step_time.format_targets(result).splitlines()
 
@@ -114,3 +114,41 @@ def test_older_double_backward_step_is_a_curveball_step():
         opt.step(lambda: twin(x), lambda y: F.cross_entropy(y, t))
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10)
+
+
+def test_the_authors_implementation_is_loaded_from_a_local_path(tmp_path):
+    """A stand-in with the authors' interface (their code is never part of the repository)."""
+    (tmp_path / "curveball.py").write_text(
+        "import torch\n"
+        "class CurveBall(torch.optim.SGD):\n"
+        "    def __init__(self, params, lr, momentum, lambd):\n"
+        "        super().__init__(params, lr=0.01)\n"
+        "    def step(self, model_fn, loss_fn):\n"
+        "        self.zero_grad(); loss = loss_fn(model_fn()); loss.backward()\n"
+        "        super().step(); return loss, None\n"
+    )
+    args = [
+        "--models",
+        "tiny",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--batch-size",
+        "8",
+        "--methods",
+        "sgd",
+        "curveball",
+        "--authors",
+        str(tmp_path),
+        "--device",
+        "cpu",
+    ]
+    result = step_time.run(args)  # fmt: skip
+    methods = [r["method"] for r in result["rows"]]
+    assert methods == ["sgd", "curveball", "authors"]
+    rows = {r["method"]: r["median_s"] for r in result["rows"]}
+    expected = f"{rows['curveball'] / rows['authors']:.2f} |"
+    assert step_time.format_targets(result).splitlines()[-1].endswith(expected)
+    with pytest.raises(SystemExit, match="no curveball.py"):
+        step_time.run([*args[:-4], "--authors", str(tmp_path / "missing")])
