@@ -36,23 +36,40 @@ IN, OUT = 6, 3
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed/gloo"
 )
-RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-ATOL = {torch.float64: 1e-12, torch.float32: 1e-6}
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.complex128: 1e-10}
+ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.complex128: 1e-12}
 
 
 # --------------------------------------------------------------------------- shared set-up
+class ComplexFirst(nn.Module):
+    """``Re(W (x + i sin x))`` with a complex weight ``W``: a complex parameter to average."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(16, IN, dtype=torch.cdouble) / IN**0.5)
+
+    def forward(self, x):
+        return torch.real(torch.complex(x, torch.sin(x)) @ self.weight.T)
+
+
 def make_model(dtype: torch.dtype, batch_norm: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    layers: list[nn.Module] = [nn.Linear(IN, 16)]
+    if dtype.is_complex:
+        first: nn.Module = ComplexFirst()
+        dtype = torch.float64
+    else:
+        first = nn.Linear(IN, 16)
+    layers: list[nn.Module] = [first]
     if batch_norm:
         layers.append(nn.BatchNorm1d(16))
     layers += [nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, OUT)]
-    return nn.Sequential(*layers).to(dtype)
+    return nn.Sequential(*layers)._apply(lambda t: t if t.is_complex() else t.to(dtype))
 
 
 def global_batch(step: int, dtype: torch.dtype, nan_rank: int | None = None):
     """The 64-sample batch of ``step`` (1-based); optionally poisons one rank's shard."""
     gen = torch.Generator().manual_seed(1000 + step)
+    dtype = torch.float64 if dtype.is_complex else dtype
     x = torch.randn(WORLD * PER_RANK, IN, generator=gen, dtype=torch.float64).to(dtype)
     t = torch.randint(0, OUT, (WORLD * PER_RANK,), generator=gen)
     if nan_rank is not None and step == NAN_STEP:
@@ -85,6 +102,7 @@ EQUIVALENCE = {
     "float32": (torch.float32, {}),
     "options": (torch.float64, {"weight_decay": 1e-2, "step_size_interval": 3}),
     "double_backward": (torch.float64, {"forward_mode": "double-backward"}),
+    "complex": (torch.complex128, {}),  # a complex parameter: averaged as its real pairs
 }
 
 
@@ -130,7 +148,10 @@ def train(
 def all_ranks_equal(state: dict) -> bool:
     """Gather parameters, z and λ from every process and compare them bit for bit."""
     flat = torch.cat(
-        [t.reshape(-1).to(torch.float64) for t in state["params"] + state["z"]]
+        [
+            torch.view_as_real(t).reshape(-1) if t.is_complex() else t.reshape(-1).to(torch.float64)
+            for t in state["params"] + state["z"]
+        ]  # fmt: skip
         + [torch.tensor([state["lambd"]], dtype=torch.float64)]
     )
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
