@@ -15,6 +15,16 @@ import torch
 from torch import nn
 
 
+def write_markdown(path: str | Path | None, text: str) -> None:
+    """Write a benchmark's generated table to ``path`` (if given), for the documentation to
+    include as it is."""
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.rstrip() + "\n", encoding="utf-8")
+
+
 def count_parameters(model: nn.Module) -> int:
     """The number of trainable scalars."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -21,6 +21,7 @@ import warnings
 
 import torch
 
+from benchmarks import common
 from benchmarks.oracles import dense_problem
 from benchmarks.zoo import ZOO, Family, available, cross_entropy
 from curveball import CurveBall
@@ -96,15 +97,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="frozen steps before comparing z")
     parser.add_argument("--json", default=None, help="write the rows to this file")
-    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument(
+        "--markdown", nargs="?", const="", default=None, metavar="PATH",
+        help="print a markdown table (and write it to PATH, if given)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = run(args.steps)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)
-    if args.markdown:
+    if args.markdown is not None:
         print(markdown(rows, args.steps))
+        common.write_markdown(args.markdown or None, markdown(rows, args.steps))
     return rows
 
 

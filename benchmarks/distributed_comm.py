@@ -49,7 +49,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from benchmarks.common import count_parameters, mlp
+from benchmarks.common import count_parameters, mlp, write_markdown
 from curveball import CurveBall
 
 CONTENDERS = ("curveball", "ddp-sgd")
@@ -219,6 +219,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--markdown", default=None, help="write the table to this file")
     return parser.parse_args(argv)
 
 
@@ -248,6 +249,7 @@ def main(argv=None) -> None:
         f"{os.cpu_count()} CPU(s)"
     )
     print(table(rows, param_bytes))
+    write_markdown(args.markdown, table(rows, param_bytes))
     for row in rows:
         if row["processes"] > 1:
             sizes = ", ".join(f"{k} B x{v}" for k, v in row["payload_sizes"].items())

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from benchmarks import common
 from benchmarks.common import CharLSTM
 from benchmarks.step_time import Contender, time_interleaved
 from curveball import CurveBall
@@ -143,6 +144,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--markdown", default=None, help="write the table to this file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rows = []
@@ -161,13 +163,15 @@ def run(argv: list[str] | None = None) -> list[dict]:
                     "x_adam": seconds / medians["adam"],
                 }
             )
-    print("| workload | method | step ms (median) | × curveball | × adam |")
-    print("| --- | --- | ---: | ---: | ---: |")
+    lines = ["| workload | method | step ms (median) | × curveball | × adam |",
+             "| --- | --- | ---: | ---: | ---: |"]  # fmt: skip
     for r in rows:
-        print(
+        lines.append(
             f"| {r['workload']} | {r['method']} | {r['median_ms']:.1f} | {r['x_curveball']:.2f} "
             f"| {r['x_adam']:.2f} |"
         )
+    print("\n".join(lines))
+    common.write_markdown(args.markdown, "\n".join(lines))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)

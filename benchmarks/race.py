@@ -928,6 +928,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--markdown", default=None, help="write the tables to this file")
     p.add_argument("--plots", default=None)
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -957,6 +958,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
             results.append(race_task(task, args, x, t))
             print(markdown([results[-1]]).split("\n\nTargets")[0], flush=True)
     print(markdown(results))
+    common.write_markdown(args.markdown, markdown(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:

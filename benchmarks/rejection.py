@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from benchmarks import race
+from benchmarks import common, race
 from curveball import CurveBall
 
 RACE_PROBLEMS = {
@@ -138,6 +138,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--eval-every", type=int, default=20)
     problems = ("mlp-512-k5", "concave", "mnist-mlp")
     p.add_argument("--problems", nargs="+", default=list(problems), choices=problems)
+    p.add_argument("--markdown", default=None, help="write the table to this file")
     args = p.parse_args(argv)
     rows = []
     with warnings.catch_warnings():
@@ -153,6 +154,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
             for reject in (False, True):
                 rows.append(train(problem, reject))
     print(markdown(rows))
+    common.write_markdown(args.markdown, markdown(rows))
     return rows
 
 

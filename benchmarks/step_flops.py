@@ -41,7 +41,7 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import race
+from benchmarks import common, race
 
 CYCLE = range(6, 11)
 """The steps counted: one whole trust-region cycle (test on step 10) after warm-up."""
@@ -170,6 +170,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
         choices=list(race.CURVEBALL_OPTIONS),
     )
     p.add_argument("--race", default=None, help="the race's --json output, to compare with")
+    p.add_argument("--markdown", default=None, help="write the table to this file")
     args = p.parse_args(argv)
     rows = [count_task(race.TASKS[name], args.contenders) for name in args.tasks]
     race_json = None
@@ -177,6 +178,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
         with open(args.race, encoding="utf-8") as f:
             race_json = json.load(f)
     print(markdown(rows, race_json))
+    common.write_markdown(args.markdown, markdown(rows, race_json))
     return rows
 
 

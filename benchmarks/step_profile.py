@@ -27,7 +27,7 @@ import warnings
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks import race
+from benchmarks import common, race
 from curveball import CurveBall
 from curveball._products import PHASES
 
@@ -90,6 +90,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--data-dir", default=os.environ.get("CURVEBALL_DATA", "../shared/data"))
     p.add_argument("--text-chars", type=int, default=150_000)
     p.add_argument("--loss", nargs="+", default=["closed"], choices=["closed", "autograd"])
+    p.add_argument("--markdown", default=None, help="write the table to this file")
     args = p.parse_args(argv)
     rows = []
     with warnings.catch_warnings():
@@ -100,6 +101,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
             for loss in args.loss:
                 rows.append(profile_task(task, x, t, args.steps, args.warmup, loss))
     print(markdown(rows))
+    common.write_markdown(args.markdown, markdown(rows))
     return rows
 
 

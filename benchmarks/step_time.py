@@ -446,6 +446,7 @@ def parse_args(args: list[str] | None) -> argparse.Namespace:
         help="add the authors' implementation from a local copy of its curveball.py",
     )
     p.add_argument("--json", type=Path, default=None, metavar="PATH")
+    p.add_argument("--markdown", type=Path, default=None, metavar="PATH", help="the tables")
     ns = p.parse_args(args)
     if ns.repeats < 1 or ns.warmup < 0 or ns.batch_size < 1:
         p.error("--repeats must be >= 1, --warmup >= 0 and --batch-size >= 1")
@@ -594,6 +595,7 @@ def run(args: list[str] | None = None) -> dict:
     print(format_table(result), flush=True)
     print()
     print(format_targets(result), flush=True)
+    common.write_markdown(ns.markdown, format_table(result) + "\n\n" + format_targets(result))
 
     if ns.json is not None:
         ns.json.parent.mkdir(parents=True, exist_ok=True)
