@@ -836,6 +836,37 @@ def markdown(results: list[dict]) -> str:
     )
 
 
+LEARNING_RATE_FREE = ("prodigy", "dadapt-adam", "schedulefree-adamw", "dog", "mechanic")
+"""The peers that, like CurveBall, claim to need no learning rate."""
+
+
+def _seconds(rows: dict, name: str, key: str = "seconds_to_target") -> float | None:
+    row = rows.get(name)
+    return None if row is None or row["error"] is not None else row[key]
+
+
+def summary(results: list[dict]) -> str:
+    """Per task, CurveBall's seconds to the target beside the fastest learning-rate-free
+    peer's and the best Adam's, both as its best single trial and as its whole grid."""
+    lines = [
+        "| task | CurveBall (s) | fastest learning-rate-free peer (s) | best Adam, best trial "
+        "(s) | best Adam, whole grid (s) | CurveBall / best trial | CurveBall / grid |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        rows = {row["contender"]: row for row in r["rows"]}
+        ours = _seconds(rows, "curveball")
+        peers = [(s, n) for n in LEARNING_RATE_FREE if (s := _seconds(rows, n)) is not None]
+        peer = "none reached it" if not peers else "{1} ({0:.2f})".format(*min(peers))
+        trial, grid = r["adam_seconds"], r["adam_grid_seconds"]
+        lines.append(
+            f"| {r['task']} | {_time(ours, '.2f')} | {peer} | {_time(trial, '.2f')} | "
+            f"{_time(grid, '.2f')} | {_fmt(_ratio(ours, trial), '.2f')} | "
+            f"{_fmt(_ratio(ours, grid), '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
 def _plot_curves(axes, r: dict) -> list[float]:
     """Loss against seconds and steps: each method's best run, its other trials faint."""
     drawn = []
@@ -958,7 +989,10 @@ def run(argv: list[str] | None = None) -> list[dict]:
             results.append(race_task(task, args, x, t))
             print(markdown([results[-1]]).split("\n\nTargets")[0], flush=True)
     print(markdown(results))
-    common.write_markdown(args.markdown, markdown(results))
+    common.write_markdown(
+        args.markdown,
+        f"### summary\n\n{summary(results)}\n\n### every contender\n\n{markdown(results)}",
+    )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:

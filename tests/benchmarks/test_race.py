@@ -237,3 +237,19 @@ def test_a_target_no_run_reaches_within_the_budget_reads_not_reached(monkeypatch
     assert not {"inf", "nan", "-inf"} & {cell.lower() for cell in cells}
     assert "no contender reached the target within the budget (1 steps)" in table
     assert "no contender reached the target" in capsys.readouterr().out
+
+
+def test_the_summary_sets_curveball_beside_the_fastest_peer_and_both_adam_times():
+    rows = [
+        {"contender": "curveball", "error": None, "seconds_to_target": 1.0},
+        {"contender": "prodigy", "error": None, "seconds_to_target": 3.0},
+        {"contender": "mechanic", "error": None, "seconds_to_target": 2.5},
+        {"contender": "dog", "error": None, "seconds_to_target": None},
+    ]
+    results = [
+        {"task": "t", "adam_seconds": 2.0, "adam_grid_seconds": 8.0, "rows": rows},
+        {"task": "u", "adam_seconds": None, "adam_grid_seconds": None, "rows": rows[3:]},
+    ]
+    lines = race.summary(results).splitlines()
+    assert lines[2] == "| t | 1.00 | mechanic (2.50) | 2.00 | 8.00 | 0.50 | 0.12 |"
+    assert lines[3] == "| u | not reached | none reached it | not reached | not reached | — | — |"
