@@ -10,7 +10,7 @@ complex parameters; CurveBall minimises the squared relative error
 ``mean_i ‖y_i − t_i‖² / ‖t_i‖²`` and the example reports the FNO paper's metric, the mean
 relative L2 error ``‖y_i − t_i‖ / ‖t_i‖`` on held-out pairs, on its last line.
 
-It needs ``neuraloperator`` and a CurveBall that supports complex parameters. Run from the
+It needs ``neuraloperator`` (``pip install curveball[operators]``). Run from the
 repository root (``-m``: it shares the data solvers with the benchmarks)::
 
     python -m examples.fno_burgers --epochs 30
@@ -28,7 +28,7 @@ from benchmarks.operator_race import relative_l2, squared_relative_l2
 from curveball import CurveBall
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=int, default=256, help="training pairs")
     parser.add_argument("--test", type=int, default=64, help="test pairs")
@@ -38,7 +38,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cache", default=None, help="the data cache folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def burgers_tensors(args: argparse.Namespace) -> dict[str, torch.Tensor]:
@@ -78,8 +78,8 @@ def train(model: torch.nn.Module, data: dict[str, torch.Tensor], args) -> float:
     return error
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from neuralop.models import FNO

@@ -55,11 +55,11 @@ def relative_error(net: nn.Module, points: torch.Tensor) -> float:
         return float((net(points).squeeze(-1) - exact).norm() / exact.norm())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=120.0, help="training time")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     net = nn.Sequential(nn.Linear(2, 64), nn.Tanh(), nn.Linear(64, 1)).double()
