@@ -141,8 +141,7 @@ class CurveBall(torch.optim.Optimizer):
     called once before the step (it cannot replace the two: CurveBall runs its own
     forward-mode and backward passes).
 
-    After each step, ``optimizer.last`` is a :class:`StepInfo`. The running
-    estimate ``z`` of parameter ``p`` is ``optimizer.state[p]["z"]``.
+    After each step, ``optimizer.last`` is a :class:`StepInfo`; ``z`` of ``p`` is ``state[p]["z"]``.
     """
 
     def __init__(
@@ -315,7 +314,8 @@ class CurveBall(torch.optim.Optimizer):
         assert layout is not None and layout.zs is not None
         step_z_(layout.zs, products.dz, info.rho, info.beta, products.previous_step)
         move_(layout.params, layout.zs, layout.members, [g["lr"] for g in self.param_groups])
-        if hyper["momentum"] is None or hyper["beta"] is None:
+        automatic = hyper["momentum"] is None or hyper["beta"] is None
+        if automatic and products.previous_step is None:  # a conjugate ρ is not a momentum
             self.curveball_state.rho, self.curveball_state.beta = info.rho, info.beta
 
     def _skip(self, info: StepInfo, rollback: Rollback, hyper: dict[str, Any]) -> StepInfo:
