@@ -10,7 +10,7 @@ from curveball import FULL_BATCH_DEFAULTS, CurveBall
 from curveball import _hyperparameters as hp
 
 VALID = {**hp.PAPER_DEFAULTS, "precondition_decay": 0.999, "precondition_eps": 1e-8,
-         "precondition_interval": 1}  # fmt: skip
+         "precondition_interval": 1, "precondition_rank": 64}  # fmt: skip
 
 
 def test_the_names_are_the_constructors_hyperparameters():

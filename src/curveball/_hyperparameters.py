@@ -63,15 +63,17 @@ diagonal beyond; a trust-region test at every step with the Levenberg-Marquardt 
 (λ × 2/3 or × 3/2, from 0.01, no floor) and a backtracking line search before a rejection;
 the faster of forward mode and double backward, measured."""
 
-NAMES = (*PAPER_DEFAULTS, "precondition_decay", "precondition_eps", "precondition_interval")
+NAMES = (*PAPER_DEFAULTS, "precondition_decay", "precondition_eps", "precondition_interval",
+         "precondition_rank")  # fmt: skip
 """Every hyper-parameter of the constructor (each lives in ``param_groups``)."""
 
 PER_GROUP = ("lr", "weight_decay")
 
-PRECONDITIONERS = (False, True, "diagonal", "gauss-newton", "auto")
+PRECONDITIONERS = (False, True, "diagonal", "gauss-newton", "nystrom", "auto")
 """The values of ``precondition``: none, the diagonal (``True`` is ``"diagonal"``),
-the dense Gauss-Newton matrix (:mod:`curveball._gauss_newton`), or ``"auto"``: the
-dense one up to :data:`DENSE_LIMIT` parameters, the diagonal beyond."""
+the dense Gauss-Newton matrix (:mod:`curveball._gauss_newton`), its randomized low-rank
+(Nyström) approximation (:mod:`curveball._nystrom`), or ``"auto"``: the dense one up to
+:data:`DENSE_LIMIT` parameters, the diagonal beyond."""
 
 DENSE_LIMIT = 2048
 """The largest parameter count (real numbers) for which ``precondition="auto"`` forms the
@@ -110,7 +112,7 @@ def preconditioner(precondition: bool | str, size: int) -> str | None:
         return "gauss-newton" if size <= DENSE_LIMIT else "diagonal"
     if precondition is True or precondition == "diagonal":
         return "diagonal"
-    return "gauss-newton" if precondition == "gauss-newton" else None
+    return precondition if precondition in ("gauss-newton", "nystrom") else None
 
 
 def check(h: dict[str, Any]) -> None:
@@ -124,7 +126,14 @@ def check(h: dict[str, Any]) -> None:
             f"lambda_thresholds: expected (low, high) with low < high, got {thresholds}"
         )
     _positive_integers(
-        h, ("lambda_interval", "step_size_interval", "inner_steps", "precondition_interval")
+        h,
+        (
+            "lambda_interval",
+            "step_size_interval",
+            "inner_steps",
+            "precondition_interval",
+            "precondition_rank",
+        ),
     )
     if h["solver"] not in SOLVERS:
         raise ValueError(f"solver: expected one of {SOLVERS}, got {h['solver']!r}")
@@ -136,7 +145,8 @@ def check(h: dict[str, Any]) -> None:
     value = h["precondition"]
     if not (isinstance(value, bool) or (isinstance(value, str) and value in PRECONDITIONERS)):
         raise ValueError(
-            f"precondition: expected True, False, 'diagonal' or 'gauss-newton', got "
+            f"precondition: expected True, False, 'diagonal', 'gauss-newton', 'nystrom' or "
+            f"'auto', got "
             f"{h['precondition']!r}"
         )
     decay, eps = h["precondition_decay"], h["precondition_eps"]

@@ -60,10 +60,10 @@ def next_z(engine: JacobianEngine, products: Products, info: StepInfo, layout: L
     if products.denominators is not None:  # the preconditioner P stays fixed in the loop
         divide_(dz, products.denominators)
         out.denominators = products.denominators
-    elif products.raw is not None:  # the dense one
-        assert layout.gauss_newton is not None
+    elif products.raw is not None:  # the dense or the Nyström one
+        assert layout.curvature_inverse is not None
         out.raw, out.damping = [t.clone() for t in dz], products.damping
-        torch._foreach_copy_(dz, layout.gauss_newton.apply(dz, products.damping))
+        torch._foreach_copy_(dz, layout.curvature_inverse.apply(dz, products.damping))
     if conjugate:
         assert previous is not None
         out.previous_step = torch._foreach_sub(list(zs), previous)

@@ -19,7 +19,6 @@ from torch import nn
 
 from curveball._curvature.engine_choice import EngineChoice
 from curveball._curvature.module_tensors import ModuleTensors
-from curveball._gauss_newton import DenseInverse
 from curveball._param_vectors import ParamLayout
 from curveball._preconditioner import Workspace, square_average_like, workspace_like
 
@@ -42,7 +41,7 @@ class Layout:
     workspace: Workspace | None = None  # the preconditioner's buffers, if it is on
     kept: list[torch.Tensor] | None = None  # z and w before a trial commit, if kept in buffers
     whole_batch_jvp: bool = False  # the curvature mini-batch failed on this model: not retried
-    gauss_newton: DenseInverse | None = None  # the dense preconditioner, when it is on
+    curvature_inverse: Any = None  # the dense or Nyström preconditioner (see _products)
 
     def in_group(self, index: int, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The members of parameter group ``index`` among per-parameter ``tensors``."""

@@ -74,10 +74,8 @@ class CurveBall(torch.optim.Optimizer):
     converges, on a fixed batch and at fixed parameters, to ``−(G + λI)⁻¹ g``.
 
     Args:
-        params: an ``nn.Module`` (fast path: true forward-mode AD), or an
-            iterable of parameters or of parameter-group dicts (then pass
-            ``model=`` for the fast path; without it the slower double-backward
-            path is used).
+        params: an ``nn.Module`` (forward-mode AD), or an iterable of parameters or of
+            group dicts (pass ``model=`` too; without it: the double-backward path).
         lr: α, scales the parameter step (per group; schedulers work as usual).
         momentum: ρ; ``None`` chooses it automatically at every step.
         beta: β; ``None`` chooses it automatically at every step.
@@ -96,11 +94,13 @@ class CurveBall(torch.optim.Optimizer):
         precondition: ``True`` or ``"diagonal"``: step ``z`` along ``d = Δz / (√v + ε)``,
             ``v`` a moving average of ``Δz²`` (:mod:`curveball._preconditioner`);
             ``"gauss-newton"``: along ``d = (G + λI)⁻¹ Δz`` from the dense ``G``
-            (:mod:`curveball._gauss_newton`; small models); ``"auto"``: the dense one up
+            (:mod:`curveball._gauss_newton`; small models); ``"nystrom"``: its rank-``s``
+            Nyström approximation (:mod:`curveball._nystrom`); ``"auto"``: the dense one up
             to 2,048 parameters, else the diagonal; ``False``: ``d = Δz``.
         precondition_decay: γ of that moving average, in [0, 1).
         precondition_eps: ε > 0.
-        precondition_interval: form the dense ``G`` every this many steps.
+        precondition_interval: form the dense ``G`` (or its sketch) every this many steps.
+        precondition_rank: ``s``, the Nyström sketch's number of products.
         reject_uphill: a trust-region test that finds the loss on the step's own batch
             risen (r < 0, beyond rounding) rejects the step: parameters and buffers
             back, ``z`` restarted from zero, λ doubled (:mod:`curveball._rollback`);
@@ -116,9 +116,8 @@ class CurveBall(torch.optim.Optimizer):
             gradients on the damped Gauss-Newton system).
         line_search: on a trust-region test that finds the loss risen, halve the step
             until it descends (:mod:`curveball._trust_region`) before rejecting it.
-        lambda_min: the trust-region rule does not shrink λ below this (0: no
-            floor, as in the paper; the initial λ may be lower, and rejections and
-            skips still raise it).
+        lambda_min: the trust-region rule does not shrink λ below this (0, the paper:
+            no floor; the initial λ may be lower; rejections and skips still raise it).
         model: the module owning the parameters, when ``params`` are not a module.
         forward_mode: ``"auto"`` (forward-mode AD, falling back to double backward),
             ``"forward"``, ``"double-backward"`` or ``"fastest"`` (the faster, measured):
@@ -162,6 +161,7 @@ class CurveBall(torch.optim.Optimizer):
         precondition_decay: float = 0.999,
         precondition_eps: float = 1e-8,
         precondition_interval: int = 1,
+        precondition_rank: int = 64,
         reject_uphill: bool = True,
         curvature_fraction: float = 1.0,
         inner_steps: int = 1,

@@ -31,8 +31,9 @@ class Plan:
     precondition: tuple[float, float] | None  # (decay, eps) of the diagonal preconditioner
     curvature_fraction: float  # of the batch for J d (1: the whole batch)
     inner_steps: int = 1  # iterations on the step's quadratic model (see _inner_loop)
-    gauss_newton: bool = False  # precondition with the dense (G + λI)⁻¹ (see _gauss_newton)
-    new_gauss_newton: bool = False  # form G afresh at this step
+    inverse: str | None = None  # "gauss-newton" or "nystrom": precondition with ≈ (G + λI)⁻¹
+    new_inverse: bool = False  # form G (or its sketch) afresh at this step
+    rank: int = 64  # the Nyström sketch's number of products
     solver: str = "curveball"  # "curveball" (span{z, d}) or "conjugate" (span{z − z_prev, d})
 
     @property
@@ -72,7 +73,7 @@ def plan(state: CurveBallState, hyper: dict[str, Any], params: list[torch.Tensor
     precondition = None
     if kind == "diagonal":
         precondition = (hyper["precondition_decay"], hyper["precondition_eps"])
-    dense = kind == "gauss-newton"
+    inverse = kind if kind in ("gauss-newton", "nystrom") else None
     interval = hyper.get("precondition_interval", 1)
     return Plan(
         step=step,
@@ -84,6 +85,7 @@ def plan(state: CurveBallState, hyper: dict[str, Any], params: list[torch.Tensor
         curvature_fraction=hyper["curvature_fraction"],
         inner_steps=hyper.get("inner_steps", 1),
         solver=hyper.get("solver", "curveball"),
-        gauss_newton=dense,
-        new_gauss_newton=dense and (step - 1) % interval == 0,
+        inverse=inverse,
+        new_inverse=inverse is not None and (step - 1) % interval == 0,
+        rank=hyper.get("precondition_rank", 64),
     )

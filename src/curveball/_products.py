@@ -31,6 +31,7 @@ from curveball._curvature.row_subset import leading_rows
 from curveball._distributed import Averager
 from curveball._gauss_newton import DenseInverse, gauss_newton
 from curveball._layout import Layout
+from curveball._nystrom import NystromInverse, sketch
 from curveball._param_vectors import dot
 from curveball._plan import Plan
 from curveball._preconditioner import multiplied, precondition_
@@ -207,7 +208,7 @@ def compute(engine: JacobianEngine, batch: Batch, layout: Layout, plan: Plan) ->
         j_loss = loss.grad.detach()
         h_jz = loss.hvp(jz)
     with record_function(PHASES[2]):
-        keep = plan.inner_steps > 1 or plan.gauss_newton  # more backward passes follow
+        keep = plan.inner_steps > 1 or plan.inverse is not None  # more backward passes follow
         dz = backward(engine, y, h_jz + j_loss, layout, plan, batch, keep_graph=keep)
     products = Products(y, loss, dz, jz, h_jz)
     if plan.precondition is not None:  # from here on, "Δz" is the direction d = P Δz
@@ -215,16 +216,35 @@ def compute(engine: JacobianEngine, batch: Batch, layout: Layout, plan: Plan) ->
         products.averages, products.denominators = precondition_(
             dz, layout.averages, *plan.precondition, layout.workspace
         )
-    elif plan.gauss_newton:
-        if plan.new_gauss_newton or layout.gauss_newton is None:
-            layout.gauss_newton = DenseInverse(gauss_newton(engine, layout.params, loss)[0])
+    elif plan.inverse is not None:
+        if plan.new_inverse or layout.curvature_inverse is None:
+            layout.curvature_inverse = curvature_inverse(engine, layout, loss, plan, batch)
         products.damping = plan.lambd + min(batch.weight_decays)
         products.raw = [t.clone() for t in dz]
-        torch._foreach_copy_(dz, layout.gauss_newton.apply(dz, products.damping))
+        torch._foreach_copy_(dz, layout.curvature_inverse.apply(dz, products.damping))
     if plan.refresh:
         with record_function(PHASES[3]):
             products.set_direction(*directional(engine, layout, plan, batch.warn, y.shape, dz))
     return products
+
+
+def curvature_inverse(
+    engine: JacobianEngine, layout: Layout, loss: LossDerivatives, plan: Plan, batch: Batch
+) -> DenseInverse | NystromInverse:
+    """The dense (:mod:`curveball._gauss_newton`) or the Nyström
+    (:mod:`curveball._nystrom`) preconditioner at this point, its matrix averaged over
+    processes (every process then takes the same steps)."""
+    if plan.inverse == "gauss-newton":
+        matrix = gauss_newton(engine, layout.params, loss)[0]
+        batch.averager.mean_([matrix])
+        return DenseInverse(matrix)
+
+    def product(v: list[torch.Tensor]) -> list[torch.Tensor]:
+        return engine.vjp(loss.hvp(engine.jvp(v)), keep_graph=True)
+
+    omega, images = sketch(product, layout.params, plan.rank)
+    batch.averager.mean_([images])
+    return NystromInverse(omega, images)
 
 
 def backward(
