@@ -153,7 +153,7 @@ def test_fastest_keeps_the_engine_whose_measured_step_was_faster(monkeypatch, do
     params = list(model.parameters())
     choice = EngineChoice(params, engine_choice.ModuleTensors(model, params), "fastest")
     clock = {"now": 0.0}
-    durations = iter([1.0, 1.0, 1.0, double_share, 1.0, 1.0])  # the calls' lengths, in order
+    durations = iter([1.0, double_share, 1.0, 1.0, 1.0, 1.0])  # the calls' lengths, in order
     monkeypatch.setattr(engine_choice.time, "perf_counter", lambda: clock["now"])
     used = []
 
@@ -163,7 +163,26 @@ def test_fastest_keeps_the_engine_whose_measured_step_was_faster(monkeypatch, do
 
     for _ in range(5):
         choice.run(attempt, lambda: None)
-    assert used[:4] == ["ForwardModeEngine"] * 2 + ["DoubleBackwardEngine"] * 2
+    assert used[:4] == ["DoubleBackwardEngine"] * 2 + ["ForwardModeEngine"] * 2
     assert choice.mode == expected
     later = "DoubleBackwardEngine" if expected == "double-backward" else "ForwardModeEngine"
     assert used[4] == later
+
+
+def test_fastest_measures_a_model_with_input_derivatives_after_it_is_recognised():
+    """The first call of such a model is repeated without the lean rules (InputDerivativesSeen):
+    the repetition must neither end the measurement nor count as one of its calls."""
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    x = torch.rand(6, 2, dtype=torch.float64, requires_grad=True)
+
+    def residual():
+        (g,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        return g.reshape(-1)
+
+    opt = CurveBall(model, forward_mode="fastest")
+    engines = []
+    for _ in range(5):
+        opt.step(residual, lambda r: 0.5 * (r**2).sum())
+        engines.append(opt.last.engine)
+    assert engines[:4] == ["double-backward", "double-backward", "forward", "forward"]
+    assert opt._layout.engines.mode in ("auto", "double-backward")

@@ -21,10 +21,12 @@ recognised by the first forward-mode pass that meets ``torch.autograd.grad``
 again in forward mode without the lean rules, which the following steps keep.
 That is not a fallback and gives no warning.
 
-``forward_mode="fastest"`` measures instead of assuming: the second step runs in
-forward mode, the fourth with double backward (the first and third warm each up), and
+``forward_mode="fastest"`` measures instead of assuming: the second step runs with
+double backward, the fourth in forward mode (the first and third warm each up), and
 the faster one serves from then on, double backward only if it took under
-:data:`FASTER` of forward mode's time. Models that differentiate themselves with
+:data:`FASTER` of forward mode's time. (Double backward goes first because models with
+input derivatives, where it tends to win, often form a dense preconditioner on the
+first step: ``D`` products.) Models that differentiate themselves with
 respect to their inputs are where this matters: PyTorch's forward-mode formulas for a
 backward pass (forward-over-reverse) can cost several times the double-backward
 products there (on a physics-informed network, a measured 4× per product).
@@ -100,7 +102,7 @@ class EngineChoice:
         )
         self.fell_back = False  # whether the last run fell back
         self._trials = 0  # calls of run() measured by the "fastest" mode
-        self._forward_seconds = math.inf
+        self._double_seconds = math.inf
 
     def run(self, attempt: Callable[[JacobianEngine], T], undo: Callable[[], None]) -> T:
         """``attempt(engine)`` with the chosen engine, falling back as documented.
@@ -119,22 +121,30 @@ class EngineChoice:
         """One of the measured calls of ``"fastest"`` (see the module docstring)."""
         call, start = self._trials, time.perf_counter()
         self._trials += 1
-        if call < 2 or self._forward is None:
-            self.mode = "auto"
-            result = self._run(attempt, undo)
-            if not self.fell_back and self._forward is not None:
-                self.mode = "fastest"
-            if call == 1:
-                self._forward_seconds = time.perf_counter() - start
-            return result
-        try:
-            result = self._attempt(self._double, attempt)
-        except DoubleBackwardUnsupported:
-            undo()
-            self.mode = "auto"
+        if self._forward is None:
+            self.mode = "double-backward"
             return self._run(attempt, undo)
+        if call < 2:
+            try:
+                result = self._attempt(self._double, attempt)
+            except DoubleBackwardUnsupported:
+                undo()
+                self.mode = "auto"
+                return self._run(attempt, undo)
+            if call == 1:
+                self._double_seconds = time.perf_counter() - start
+            return result
+        self.mode = "auto"
+        try:
+            result = self._run(attempt, undo)
+        except InputDerivativesSeen:  # run() repeats this call: it is not a measurement
+            self.mode, self._trials = "fastest", call
+            raise
+        if self.fell_back:  # forward mode failed: auto's fallback rule from now on
+            return result
+        self.mode = "fastest"
         if call == 3:
-            faster = time.perf_counter() - start < FASTER * self._forward_seconds
+            faster = self._double_seconds < FASTER * (time.perf_counter() - start)
             self.mode = "double-backward" if faster else "auto"
         return result
 
@@ -143,7 +153,8 @@ class EngineChoice:
             return self._fastest(attempt, undo)
         self.fell_back = False
         if self.mode != "auto":
-            return self._attempt(self.engine, attempt)
+            chosen = self._double if self.mode == "double-backward" else self._forward
+            return self._attempt(chosen, attempt)
         if self._wait > 0:
             self._wait -= 1
             return self._attempt(self._double, attempt)
