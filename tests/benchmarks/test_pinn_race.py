@@ -24,9 +24,13 @@ def restore_threads():
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("pinn")
-    results = pinn_race.run(["--quick", "--tasks", "poisson2d", "--threads", "1",
-                             "--json", str(out / "race.json"), "--markdown", str(out / "race.md"),
-                             "--plots", str(out / "plots")])  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        results = pinn_race.run(["--quick", "--tasks", "poisson2d", "--threads", "1",
+                                 "--json", str(out / "race.json"), "--markdown",
+                                 str(out / "race.md"), "--plots", str(out / "plots")])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
     return out, results
 
 

@@ -52,7 +52,7 @@ def test_forward_mode_and_double_backward_give_the_same_gauss_newton_product(dim
     ]
     flat = [torch.cat([torch.view_as_real(t).reshape(-1) if t.is_complex() else t.reshape(-1)
                        for t in product]) for product in products]  # fmt: skip
-    # the 2-D FNO evaluates to about 1e-10 relative even in float64 (its central finite
-    # differences stop converging there), and the two paths agree to 2e-9 (1-D: 1e-16)
-    tolerance = 1e-12 if dims == 1 else 1e-8
-    assert (flat[0] - flat[1]).norm() <= tolerance * flat[1].norm()
+    # the FNO evaluates to about 1e-10 relative even in float64 (its central finite
+    # differences stop converging there); the two paths agree to 1e-10 (1-D) and 2e-9 (2-D),
+    # depending on the thread count
+    assert (flat[0] - flat[1]).norm() <= 1e-8 * flat[1].norm()
