@@ -176,6 +176,10 @@ def worker(rank: int, world: int, init_file: str, args, out_file: str) -> None:
         }
         with open(out_file, "w") as f:
             json.dump(result, f)
+    # DDP's reducer and gloo's pairs are torn down only when every process is done with
+    # them: a process that leaves early aborts the other one's last collective
+    del ddp, sgd
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -33,11 +33,12 @@ class Headline:
 
 HEADLINES = (
     Headline("Physics-informed networks: Poisson 2D", "pinn-race-2d.md", "poisson2d",
-             "python -m benchmarks.pinn_race --tasks poisson2d heat1d --budget 300 --threads 1"),
+             "python -m benchmarks.pinn_race --tasks poisson2d heat1d --budget 150 --threads 1"),
     Headline("Neural operators: 1-D Burgers", "operator-race.md", "burgers",
              "python -m benchmarks.operator_race --budget 120 --threads 1"),
-    Headline("Mini-batch deep learning: the six tasks", "race.md", "summary",
-             "python -m benchmarks.race --budget 200 --eval-every 10 --text-chars 150000"),
+    Headline("Mini-batch deep learning: the two MLP tasks", "race.md", "summary",
+             "python -m benchmarks.race --tasks mnist-mlp mnist-mlp-512 --budget 200 --eval-every 10 "
+             "--threads 1"),
     Headline("The cost of a step", "step-time.md", None,
              "python -m benchmarks.step_time --models mlp cnn --repeats 21 --authors PATH"),
 )  # fmt: skip

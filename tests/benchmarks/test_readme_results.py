@@ -33,3 +33,7 @@ def test_a_missing_table_names_the_command_that_writes_it(tmp_path):
     readme.write_text(f"{readme_results.START}\n{readme_results.END}\n")
     with pytest.raises(FileNotFoundError, match="run `python -m benchmarks"):
         readme_results.main(["--readme", str(readme), "--results", str(tmp_path)])
+
+
+def test_the_committed_readme_shows_the_committed_tables():
+    assert readme_results.main(["--check"]) == 0, "run `python -m benchmarks.readme_results`"
