@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -106,6 +107,12 @@ def make_batch(global_batch: int, rank: int, world: int):
     return x[rank * per : (rank + 1) * per], t[rank * per : (rank + 1) * per]
 
 
+def _sgd_step(ddp, sgd: torch.optim.Optimizer, x: torch.Tensor, t: torch.Tensor) -> None:
+    sgd.zero_grad(set_to_none=True)
+    F.cross_entropy(ddp(x), t).backward()
+    sgd.step()
+
+
 def worker(rank: int, world: int, init_file: str, args, out_file: str) -> None:
     torch.set_num_threads(args.threads)
     dist.init_process_group(
@@ -131,12 +138,7 @@ def worker(rank: int, world: int, init_file: str, args, out_file: str) -> None:
     ddp.register_comm_hook(None, ddp_counting_hook(log, all_reduce))
     sgd = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
 
-    def sgd_step() -> None:
-        sgd.zero_grad(set_to_none=True)
-        F.cross_entropy(ddp(x), t).backward()
-        sgd.step()
-
-    steps = {"curveball": curveball_step, "ddp-sgd": sgd_step}
+    steps = {"curveball": curveball_step, "ddp-sgd": partial(_sgd_step, ddp, sgd, x, t)}
     # communication: a whole number of trust-region cycles, after one warm-up step
     cycle = curveball.param_groups[0]["lambda_interval"]
     comm = {}
@@ -178,7 +180,7 @@ def worker(rank: int, world: int, init_file: str, args, out_file: str) -> None:
             json.dump(result, f)
     # DDP's reducer and gloo's pairs are torn down only when every process is done with
     # them: a process that leaves early aborts the other one's last collective
-    del ddp, sgd
+    del steps, step, ddp, sgd
     dist.barrier()
     dist.destroy_process_group()
 

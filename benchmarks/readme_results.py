@@ -37,8 +37,8 @@ HEADLINES = (
     Headline("Neural operators: 1-D Burgers", "operator-race.md", "burgers",
              "python -m benchmarks.operator_race --budget 120 --threads 1"),
     Headline("Mini-batch deep learning: the two MLP tasks", "race.md", "summary",
-             "python -m benchmarks.race --tasks mnist-mlp mnist-mlp-512 --budget 200 --eval-every 10 "
-             "--threads 1"),
+             "python -m benchmarks.race --tasks mnist-mlp mnist-mlp-512 --budget 200 "
+             "--eval-every 10 --threads 1"),
     Headline("The cost of a step", "step-time.md", None,
              "python -m benchmarks.step_time --models mlp cnn --repeats 21 --authors PATH"),
 )  # fmt: skip

@@ -8,6 +8,7 @@ from torch import nn
 
 from curveball import FULL_BATCH_DEFAULTS, CurveBall
 from curveball import _hyperparameters as hp
+from curveball._layout import AVERAGE
 
 VALID = {**hp.PAPER_DEFAULTS, "precondition_decay": 0.999, "precondition_eps": 1e-8,
          "precondition_interval": 1, "precondition_rank": 64}  # fmt: skip
@@ -89,3 +90,41 @@ def test_the_full_batch_preset_solves_linear_least_squares_to_rounding():
     fitted = torch.cat([model.weight.T, model.bias[None]], dim=0)
     torch.testing.assert_close(fitted, solution, rtol=1e-9, atol=1e-10)
     assert hp.NAMES and set(FULL_BATCH_DEFAULTS) - {"forward_mode"} <= set(hp.NAMES)
+
+
+@pytest.mark.parametrize(
+    ("size", "kind"),
+    [(hp.DENSE_LIMIT, "gauss-newton"), (hp.DENSE_LIMIT + 1, "nystrom"),
+     (hp.NYSTROM_LIMIT, "nystrom"), (hp.NYSTROM_LIMIT + 1, "diagonal")],
+)  # fmt: skip
+def test_auto_chooses_the_preconditioner_by_size(size, kind):
+    assert hp.preconditioner("auto", size) == kind
+    assert hp.preconditioner(True, size) == "diagonal" and hp.preconditioner(False, size) is None
+
+
+def test_the_full_batch_preset_sketches_between_the_limits(monkeypatch):
+    """With the dense limit below the model's size, ``"auto"`` sketches ``G``: a sketch of
+    rank ≥ D is exact, so the preset still fits least squares to rounding."""
+    import curveball._products as products
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return sketch(*args, **kwargs)
+
+    sketch = products.sketch
+    monkeypatch.setattr(products, "sketch", counted)
+    monkeypatch.setattr(hp, "DENSE_LIMIT", 8)  # the model has 14 parameters
+    torch.manual_seed(0)
+    model = nn.Linear(6, 2).double()
+    x = torch.randn(40, 6, dtype=torch.float64)
+    t = torch.randn(40, 2, dtype=torch.float64)
+    opt = CurveBall(model, **FULL_BATCH_DEFAULTS)
+    for _ in range(8):
+        opt.step(lambda: (model(x) - t).reshape(-1), lambda r: 0.5 * (r**2).sum())
+    design = torch.cat([x, torch.ones(40, 1, dtype=torch.float64)], dim=1)
+    solution = torch.linalg.lstsq(design, t).solution
+    fitted = torch.cat([model.weight.T, model.bias[None]], dim=0)
+    torch.testing.assert_close(fitted, solution, rtol=1e-9, atol=1e-10)
+    assert calls and all(AVERAGE not in opt.state[p] for p in model.parameters())

@@ -58,9 +58,10 @@ FULL_BATCH_DEFAULTS: dict[str, Any] = {
 fixed or resampled collocation points, full-batch regression): ``CurveBall(model,
 **FULL_BATCH_DEFAULTS)``. Ten conjugate-gradient iterations on each step's model
 (:mod:`curveball._inner_loop`), preconditioned by the dense Gauss-Newton matrix formed
-every ten steps up to 2,048 parameters (:mod:`curveball._gauss_newton`) and by the
-diagonal beyond; a trust-region test at every step with the Levenberg-Marquardt rule
-(λ × 2/3 or × 3/2, from 0.01, no floor) and a backtracking line search before a rejection;
+every ten steps up to 2,048 parameters (:mod:`curveball._gauss_newton`), by its rank-64
+Nyström sketch up to 131,072 (:mod:`curveball._nystrom`) and by the diagonal beyond; a
+trust-region test at every step with the Levenberg-Marquardt rule (λ × 2/3 or × 3/2,
+from 0.01, no floor) and a backtracking line search before a rejection;
 the faster of forward mode and double backward, measured."""
 
 NAMES = (*PAPER_DEFAULTS, "precondition_decay", "precondition_eps", "precondition_interval",
@@ -73,12 +74,20 @@ PRECONDITIONERS = (False, True, "diagonal", "gauss-newton", "nystrom", "auto")
 """The values of ``precondition``: none, the diagonal (``True`` is ``"diagonal"``),
 the dense Gauss-Newton matrix (:mod:`curveball._gauss_newton`), its randomized low-rank
 (Nyström) approximation (:mod:`curveball._nystrom`), or ``"auto"``: the dense one up to
-:data:`DENSE_LIMIT` parameters, the diagonal beyond."""
+:data:`DENSE_LIMIT` parameters, the Nyström sketch up to :data:`NYSTROM_LIMIT`, the
+diagonal beyond."""
 
 DENSE_LIMIT = 2048
 """The largest parameter count (real numbers) for which ``precondition="auto"`` forms the
 dense Gauss-Newton matrix: ``D`` forward-mode passes and a ``D × D`` eigendecomposition,
 repaid over ``precondition_interval`` steps."""
+
+NYSTROM_LIMIT = 131_072
+"""The largest parameter count for which ``precondition="auto"`` sketches the Gauss-Newton
+matrix (:mod:`curveball._nystrom`): ``s`` products every ``precondition_interval`` steps and
+an ``s × D`` float64 sketch (64 MiB at ``s = 64``). Beyond it the diagonal costs less
+(on the PINN race's 10,065-parameter network the sketch does better at equal time:
+``docs/results/pinn-race.md``)."""
 
 SOLVERS = ("curveball", "conjugate")
 """The inner solvers (:mod:`curveball._inner_loop`)."""
@@ -107,9 +116,11 @@ def _booleans(h: dict[str, Any], names: Sequence[str]) -> None:
 
 def preconditioner(precondition: bool | str, size: int) -> str | None:
     """The preconditioner that ``precondition`` asks for with ``size`` parameters (real
-    numbers): ``"diagonal"``, ``"gauss-newton"`` or ``None``."""
+    numbers): ``"diagonal"``, ``"gauss-newton"``, ``"nystrom"`` or ``None``."""
     if precondition == "auto":
-        return "gauss-newton" if size <= DENSE_LIMIT else "diagonal"
+        if size <= DENSE_LIMIT:
+            return "gauss-newton"
+        return "nystrom" if size <= NYSTROM_LIMIT else "diagonal"
     if precondition is True or precondition == "diagonal":
         return "diagonal"
     return precondition if precondition in ("gauss-newton", "nystrom") else None

@@ -96,7 +96,8 @@ class CurveBall(torch.optim.Optimizer):
             ``"gauss-newton"``: along ``d = (G + λI)⁻¹ Δz`` from the dense ``G``
             (:mod:`curveball._gauss_newton`; small models); ``"nystrom"``: its rank-``s``
             Nyström approximation (:mod:`curveball._nystrom`); ``"auto"``: the dense one up
-            to 2,048 parameters, else the diagonal; ``False``: ``d = Δz``.
+            to 2,048 parameters, the sketch up to 131,072, else the diagonal; ``False``:
+            ``d = Δz``.
         precondition_decay: γ of that moving average, in [0, 1).
         precondition_eps: ε > 0.
         precondition_interval: form the dense ``G`` (or its sketch) every this many steps.
