@@ -107,13 +107,12 @@ def test_the_full_batch_preset_sketches_between_the_limits(monkeypatch):
     rank ≥ D is exact, so the preset still fits least squares to rounding."""
     import curveball._products as products
 
-    calls = []
+    sketch, calls = products.sketch, []
 
     def counted(*args, **kwargs):
         calls.append(1)
         return sketch(*args, **kwargs)
 
-    sketch = products.sketch
     monkeypatch.setattr(products, "sketch", counted)
     monkeypatch.setattr(hp, "DENSE_LIMIT", 8)  # the model has 14 parameters
     torch.manual_seed(0)

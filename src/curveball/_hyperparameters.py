@@ -69,6 +69,7 @@ NAMES = (*PAPER_DEFAULTS, "precondition_decay", "precondition_eps", "preconditio
 """Every hyper-parameter of the constructor (each lives in ``param_groups``)."""
 
 PER_GROUP = ("lr", "weight_decay")
+"""Hyper-parameters that may differ between parameter groups; all others are global."""
 
 PRECONDITIONERS = (False, True, "diagonal", "gauss-newton", "nystrom", "auto")
 """The values of ``precondition``: none, the diagonal (``True`` is ``"diagonal"``),
@@ -85,13 +86,13 @@ repaid over ``precondition_interval`` steps."""
 NYSTROM_LIMIT = 131_072
 """The largest parameter count for which ``precondition="auto"`` sketches the Gauss-Newton
 matrix (:mod:`curveball._nystrom`): ``s`` products every ``precondition_interval`` steps and
-an ``s × D`` float64 sketch (64 MiB at ``s = 64``). Beyond it the diagonal costs less
-(on the PINN race's 10,065-parameter network the sketch does better at equal time:
-``docs/results/pinn-race.md``)."""
+an ``s × D`` float64 sketch (64 MiB at ``s = 64``). Beyond it ``"auto"`` takes the
+diagonal, whose cost stays one pass over the parameters. (On the PINN race's
+10,065-parameter network the sketch does better than the diagonal at equal time:
+``docs/results/pinn-race.md``.)"""
 
 SOLVERS = ("curveball", "conjugate")
 """The inner solvers (:mod:`curveball._inner_loop`)."""
-"""Hyper-parameters that may differ between parameter groups; all others are global."""
 
 
 def _finite_non_negative(h: dict[str, Any], names: Sequence[str]) -> None:
