@@ -77,7 +77,8 @@ def test_sparse_embeddings_are_refused_by_name():
         hp.check_sparse_modules(model)
 
 
-def test_the_full_batch_preset_solves_linear_least_squares_to_rounding():
+def fit_least_squares_with_the_preset() -> tuple[CurveBall, nn.Module]:
+    """Eight preset steps on a linear least-squares problem; the fit must equal ``lstsq``."""
     torch.manual_seed(0)
     model = nn.Linear(6, 2).double()
     x = torch.randn(40, 6, dtype=torch.float64)
@@ -89,6 +90,11 @@ def test_the_full_batch_preset_solves_linear_least_squares_to_rounding():
     solution = torch.linalg.lstsq(design, t).solution
     fitted = torch.cat([model.weight.T, model.bias[None]], dim=0)
     torch.testing.assert_close(fitted, solution, rtol=1e-9, atol=1e-10)
+    return opt, model
+
+
+def test_the_full_batch_preset_solves_linear_least_squares_to_rounding():
+    fit_least_squares_with_the_preset()
     assert hp.NAMES and set(FULL_BATCH_DEFAULTS) - {"forward_mode"} <= set(hp.NAMES)
 
 
@@ -115,15 +121,5 @@ def test_the_full_batch_preset_sketches_between_the_limits(monkeypatch):
 
     monkeypatch.setattr(products, "sketch", counted)
     monkeypatch.setattr(hp, "DENSE_LIMIT", 8)  # the model has 14 parameters
-    torch.manual_seed(0)
-    model = nn.Linear(6, 2).double()
-    x = torch.randn(40, 6, dtype=torch.float64)
-    t = torch.randn(40, 2, dtype=torch.float64)
-    opt = CurveBall(model, **FULL_BATCH_DEFAULTS)
-    for _ in range(8):
-        opt.step(lambda: (model(x) - t).reshape(-1), lambda r: 0.5 * (r**2).sum())
-    design = torch.cat([x, torch.ones(40, 1, dtype=torch.float64)], dim=1)
-    solution = torch.linalg.lstsq(design, t).solution
-    fitted = torch.cat([model.weight.T, model.bias[None]], dim=0)
-    torch.testing.assert_close(fitted, solution, rtol=1e-9, atol=1e-10)
+    opt, model = fit_least_squares_with_the_preset()
     assert calls and all(AVERAGE not in opt.state[p] for p in model.parameters())
