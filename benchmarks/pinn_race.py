@@ -14,6 +14,7 @@ the collocation points); ENGD with the Gramian (``engd``) or the kernel (``engd-
 learning rate of ``--adam-lrs`` (each grid point runs for the whole budget; the grid's
 total time is reported); L-BFGS (strong Wolfe, history 100); ``adam-lbfgs``: the best Adam
 run's state after ``--adam-fraction`` of the budget, continued by L-BFGS.
+Named only, not in a default run: ``curveball-exact`` (:data:`EXACT_GAUSS_NEWTON`).
 
 Every contender starts from the same weights, sees the same points (the same fresh draw at
 the same step where points are resampled), and gets the same budget of stepping time
@@ -49,6 +50,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import curveball
 from benchmarks import common
 from benchmarks.engd import ENGD
 from benchmarks.hessian_free import HessianFree
@@ -57,6 +59,19 @@ from benchmarks.pdes import residual_vector as user_residual
 
 CONTENDERS = ("curveball-full-batch", "curveball", "engd", "engd-woodbury", "hessian-free",
               "adam", "lbfgs", "adam-lbfgs")  # fmt: skip
+"""The contenders of a default run."""
+
+EXACT_GAUSS_NEWTON = {**curveball.FULL_BATCH_DEFAULTS, "lambd": 1e-10, "lambda_factor": 1.0,
+                      "precondition_interval": 1, "inner_steps": 1}  # fmt: skip
+"""``curveball-exact``, a diagnostic contender (``--contenders curveball-exact``, not in a
+default run): the preset with ENGD's damping (a fixed λ = 1e-10: ``lambda_factor=1`` keeps
+it) and the dense Gauss-Newton matrix formed afresh at every step, so that every step is
+the Gauss-Newton step ENGD takes, shortened by the line search until it descends. It
+separates the two halves of the gap to ENGD: the number of steps a path needs and the
+cost of a step (the dense J by ``D`` products, against ENGD's per-point Jacobian)."""
+
+EXTRA = ("curveball-exact",)
+"""Contenders that run only when named."""
 THRESHOLDS = (1e-3, 1e-4, 1e-5)
 EVAL_SEED, BATCH_SEED = 2**60, 2**32
 """Generator seeds: the evaluation points' is ``--seed + EVAL_SEED``, the fixed points'
@@ -156,10 +171,10 @@ class Problem:
 # ------------------------------------------------------------------------------ contenders
 def curveball_stepper(model: nn.Module, problem: Problem, preset: str | None) -> Stepper:
     """CurveBall on the user's-way residual: ``opt.step(model_fn, ½‖r‖²)``."""
-    import curveball
-
     kwargs = {}
-    if preset is not None:
+    if preset == "EXACT_GAUSS_NEWTON":
+        kwargs = EXACT_GAUSS_NEWTON
+    elif preset is not None:
         kwargs = getattr(curveball, preset, None)
         if kwargs is None:
             raise Skipped(f"curveball.{preset} does not exist yet in this version of the library")
@@ -244,6 +259,8 @@ def make_stepper(
         return curveball_stepper(model, problem, "FULL_BATCH_DEFAULTS")
     if name == "curveball":
         return curveball_stepper(model, problem, None)
+    if name == "curveball-exact":
+        return curveball_stepper(model, problem, "EXACT_GAUSS_NEWTON")
     if name == "engd":
         _check_gramian_size(model, args.engd_max_gramian)
         return engd_stepper(model, problem, "gramian", args.engd_damping)
@@ -625,7 +642,7 @@ def plot(results: list[dict], folder: str) -> None:
 def parse_args(argv: list[str] | None) -> Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS + EXTRA)
     p.add_argument(
         "--budget",
         type=float,

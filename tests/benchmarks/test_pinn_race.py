@@ -165,3 +165,27 @@ def test_the_gramian_engd_is_skipped_on_the_deep_net_with_the_reason():
         pinn_race.make_stepper("engd", problem.init, problem, args)
     run = pinn_race.run_contender("engd", problem, args)
     assert run.error.startswith("skipped") and run.steps == 0
+
+
+def test_the_exact_contender_takes_the_gauss_newton_step_of_engd():
+    """``curveball-exact``: from the initial weights, the step is ENGD's Gauss-Newton
+    direction −(JᵀJ + 1e-10·I)⁻¹Jᵀr (J from per-point reverse mode, a second code path),
+    times the line search's step length."""
+    args = pinn_race.parse_args(["--quick"])
+    problem = pinn_race.Problem.create(TASKS["poisson2d"].shrunk(0.05), args)
+    model = problem.init
+    points = problem.batch(0)
+    functional = pinn_race.FunctionalResidual(problem.task.pde, model, points)
+    residual, jacobian = (t.detach() for t in functional.jacobian(functional.parameters()))
+    gramian = jacobian.T @ jacobian + 1e-10 * torch.eye(jacobian.shape[1], dtype=torch.float64)
+    direction = -torch.linalg.solve(gramian, jacobian.T @ residual)
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    step = pinn_race.make_stepper("curveball-exact", model, problem, args)
+    step(points)
+    info = step.optimizer.last
+    assert not info.skipped and info.step_length < 1.0  # the full step rose: it was shortened
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    # the Gramian is singular here (its smallest eigenvalue is 0 to rounding), so the step
+    # is compared where it is determined: as the change J·Δw of the residual it predicts
+    moved, expected = jacobian @ (after - before), info.step_length * (jacobian @ direction)
+    assert (moved - expected).norm() <= 1e-5 * expected.norm()
