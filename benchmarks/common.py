@@ -8,6 +8,7 @@ experiment changes.
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,15 @@ def write_markdown(path: str | Path | None, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text.rstrip() + "\n", encoding="utf-8")
+
+
+def write_json(path: str | Path | None, payload: object) -> None:
+    """Write a benchmark's settings and results to ``path`` (if given) as indented JSON."""
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -46,19 +46,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks import operator_data
+from benchmarks import common, operator_data, plots
 from benchmarks.common import sync
 from curveball import CurveBall
 
@@ -480,12 +478,7 @@ def markdown(results: list[dict], budget: float) -> str:
 
 def plot(results: list[dict], folder: str) -> None:
     """Test relative L2 error (log) against stepping time, a line per contender."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    Path(folder).mkdir(parents=True, exist_ok=True)
+    plt = plots.pyplot()
     for r in results:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for row in r["rows"]:
@@ -497,15 +490,10 @@ def plot(results: list[dict], folder: str) -> None:
             ax.axhline(r["target"], color="k", ls=":", lw=0.8, label="target (best Adam)")
         paper = f"FNO paper, s = {r['paper']['resolution']}"
         ax.axhline(r["paper"]["test_error"], color="grey", ls="--", lw=0.8, label=paper)
-        ax.set_yscale("log")
-        ax.set_xlabel("stepping time (s)")
-        ax.set_ylabel("test relative L2 error")
-        ax.grid(True, which="both", alpha=0.3)
+        plots.log_axes(ax, "stepping time (s)", "test relative L2 error")
         ax.legend(fontsize=8)
         ax.set_title(f"FNO on {r['problem']} (s = {r['data']['resolution']})")
-        fig.tight_layout()
-        fig.savefig(Path(folder) / f"{r['problem']}.png", dpi=90)
-        plt.close(fig)
+        plots.save(fig, folder, r["problem"], dpi=90)
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -591,13 +579,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
     """The command line: race, then write ``--markdown``, ``--json`` and ``--plots``."""
     args = parse_args(argv)
     results = race_all(args)
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(markdown(results, args.budget) + "\n", encoding="utf-8")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"settings": vars(args), "results": results}, f, indent=1)
+    common.write_markdown(args.markdown, markdown(results, args.budget))
+    common.write_json(args.json, {"settings": vars(args), "results": results})
     if args.plots:
         plot(results, args.plots)
     return results

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import math
 import statistics
 import time
@@ -45,13 +44,12 @@ import warnings
 from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 import curveball
-from benchmarks import common
+from benchmarks import common, plots
 from benchmarks.engd import ENGD
 from benchmarks.hessian_free import HessianFree
 from benchmarks.pdes import TASKS, FunctionalResidual, Points, Task, half_squared_norm
@@ -612,12 +610,7 @@ def markdown(results: list[dict], settings: dict) -> str:
 
 def plot(results: list[dict], folder: str) -> None:
     """Relative L2 (log) against stepping time, one line per contender, a file per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    Path(folder).mkdir(parents=True, exist_ok=True)
+    plt = plots.pyplot()
     for r in results:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for row in r["rows"]:
@@ -627,15 +620,10 @@ def plot(results: list[dict], folder: str) -> None:
                 ax.plot(*zip(*points, strict=True), label=row["contender"], **style)
         for t in THRESHOLDS:
             ax.axhline(t, color="k", ls=":", lw=0.6)
-        ax.set_yscale("log")
-        ax.set_xlabel("stepping time (s)")
-        ax.set_ylabel("relative L2 error")
-        ax.grid(True, which="both", alpha=0.3)
+        plots.log_axes(ax, "stepping time (s)", "relative L2 error")
         ax.legend(fontsize=7)
         ax.set_title(f"{r['task']} (D = {r['parameters']:,})")
-        fig.tight_layout()
-        fig.savefig(Path(folder) / f"{r['task']}.png", dpi=80)
-        plt.close(fig)
+        plots.save(fig, folder, r["task"])
 
 
 # ------------------------------------------------------------------------------ the CLI
@@ -691,12 +679,6 @@ def parse_args(argv: list[str] | None) -> Namespace:
     return args
 
 
-def _write(path: str | None, text: str) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text, encoding="utf-8")
-
-
 def run(argv: list[str] | None = None) -> list[dict]:
     """Race every task; print, and write the JSON, markdown and plots asked for."""
     args = parse_args(argv)
@@ -710,8 +692,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
             task = TASKS[name].shrunk(0.1) if args.quick else TASKS[name]
             results.append(race_task(task, args))
             print(markdown(results[-1:], settings), flush=True)
-    _write(args.json, json.dumps({"settings": settings, "results": results}, indent=1))
-    _write(args.markdown, markdown(results, settings))
+    common.write_json(args.json, {"settings": settings, "results": results})
+    common.write_markdown(args.markdown, markdown(results, settings))
     if args.plots:
         plot(results, args.plots)
     return results

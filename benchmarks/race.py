@@ -69,7 +69,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import json
 import math
 import os
 import statistics
@@ -85,7 +84,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks import common
+from benchmarks import common, plots
 from curveball import PAPER_DEFAULTS, CurveBall, losses
 
 Step = Callable[[torch.Tensor, torch.Tensor], None]
@@ -907,30 +906,20 @@ def _plot_times(ax, r: dict) -> None:
 
 
 def plot(results: list[dict], folder: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    Path(folder).mkdir(parents=True, exist_ok=True)
+    plt = plots.pyplot()
     for r in results:
         fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
         drawn = [v for v in _plot_curves(axes[:2], r) if math.isfinite(v) and v > 0]
         for ax, xlabel in zip(axes[:2], ("stepping time (s)", "steps"), strict=True):
             if r["target"] is not None:
                 ax.axhline(r["target"], color="k", ls=":", lw=0.8)
-            ax.set_yscale("log")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("training loss (whole training set)")
-            ax.grid(True, which="both", alpha=0.3)
+            plots.log_axes(ax, xlabel, "training loss (whole training set)")
             if drawn:
                 ax.set_ylim(min(drawn) / 1.5, max(r["initial_loss"], min(drawn)) * 1.5)
         axes[1].legend(fontsize=7)
         _plot_times(axes[2], r)
         fig.suptitle(f"{r['task']} (dotted: the best tuned Adam's final loss, the target)")
-        fig.tight_layout()
-        fig.savefig(Path(folder) / f"{r['task']}.png", dpi=80)
-        plt.close(fig)
+        plots.save(fig, folder, r["task"])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -993,10 +982,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
         args.markdown,
         f"### summary\n\n{summary(results)}\n\n### every contender\n\n{markdown(results)}",
     )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"settings": vars(args), "results": results}, f, indent=1)
+    common.write_json(args.json, {"settings": vars(args), "results": results})
     if args.plots:
         plot(results, args.plots)
     return results
