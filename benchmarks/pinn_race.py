@@ -59,17 +59,19 @@ CONTENDERS = ("curveball-full-batch", "curveball", "engd", "engd-woodbury", "hes
               "adam", "lbfgs", "adam-lbfgs")  # fmt: skip
 """The contenders of a default run."""
 
-EXACT_GAUSS_NEWTON = {**curveball.FULL_BATCH_DEFAULTS, "lambd": 1e-10, "lambda_factor": 1.0,
-                      "precondition_interval": 1, "inner_steps": 1}  # fmt: skip
+EXACT_GAUSS_NEWTON = {"lambd": 1e-10, "lambda_factor": 1.0, "precondition_interval": 1,
+                      "inner_steps": 1}  # fmt: skip
 """``curveball-exact``, a diagnostic contender (``--contenders curveball-exact``, not in a
-default run): the preset with ENGD's damping (a fixed λ = 1e-10: ``lambda_factor=1`` keeps
-it) and the dense Gauss-Newton matrix formed afresh at every step, so that every step is
-the Gauss-Newton step ENGD takes, shortened by the line search until it descends. It
-separates the two halves of the gap to ENGD: the number of steps a path needs and the
-cost of a step (the dense J by ``D`` products, against ENGD's per-point Jacobian)."""
+default run): ``FULL_BATCH_DEFAULTS`` with these changes, ENGD's damping (a fixed
+λ = 1e-10: ``lambda_factor=1`` keeps it) and the dense Gauss-Newton matrix formed afresh
+at every step, so that every step is the Gauss-Newton step ENGD takes, shortened by the
+line search until it descends. It separates the two halves of the gap to ENGD: the number
+of steps a path needs and the cost of a step (the dense J by ``D`` products, against ENGD's
+per-point Jacobian)."""
 
 EXTRA = ("curveball-exact",)
 """Contenders that run only when named."""
+
 THRESHOLDS = (1e-3, 1e-4, 1e-5)
 EVAL_SEED, BATCH_SEED = 2**60, 2**32
 """Generator seeds: the evaluation points' is ``--seed + EVAL_SEED``, the fixed points'
@@ -167,16 +169,17 @@ class Problem:
 
 
 # ------------------------------------------------------------------------------ contenders
-def curveball_stepper(model: nn.Module, problem: Problem, preset: str | None) -> Stepper:
-    """CurveBall on the user's-way residual: ``opt.step(model_fn, ½‖r‖²)``."""
-    kwargs = {}
-    if preset == "EXACT_GAUSS_NEWTON":
-        kwargs = EXACT_GAUSS_NEWTON
-    elif preset is not None:
-        kwargs = getattr(curveball, preset, None)
-        if kwargs is None:
-            raise Skipped(f"curveball.{preset} does not exist yet in this version of the library")
-    opt = curveball.CurveBall(model, **kwargs)
+def preset(name: str) -> dict:
+    """The library's preset ``curveball.<name>`` (raises :class:`Skipped` if it has none)."""
+    settings = getattr(curveball, name, None)
+    if settings is None:
+        raise Skipped(f"curveball.{name} does not exist yet in this version of the library")
+    return settings
+
+
+def curveball_stepper(model: nn.Module, problem: Problem, settings: dict) -> Stepper:
+    """CurveBall with ``settings`` on the user's-way residual: ``opt.step(model_fn, ½‖r‖²)``."""
+    opt = curveball.CurveBall(model, **settings)
 
     def step(points: Points) -> torch.Tensor:
         loss, _ = opt.step(lambda: problem.residual(model, points), half_squared_norm)
@@ -254,11 +257,13 @@ def make_stepper(
 ) -> Stepper:
     """The contender ``name``'s step for ``model`` (raises :class:`Skipped` if it cannot run)."""
     if name == "curveball-full-batch":
-        return curveball_stepper(model, problem, "FULL_BATCH_DEFAULTS")
+        return curveball_stepper(model, problem, preset("FULL_BATCH_DEFAULTS"))
     if name == "curveball":
-        return curveball_stepper(model, problem, None)
+        return curveball_stepper(model, problem, {})
     if name == "curveball-exact":
-        return curveball_stepper(model, problem, "EXACT_GAUSS_NEWTON")
+        return curveball_stepper(
+            model, problem, {**preset("FULL_BATCH_DEFAULTS"), **EXACT_GAUSS_NEWTON}
+        )
     if name == "engd":
         _check_gramian_size(model, args.engd_max_gramian)
         return engd_stepper(model, problem, "gramian", args.engd_damping)
