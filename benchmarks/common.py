@@ -19,20 +19,21 @@ from torch import nn
 def write_markdown(path: str | Path | None, text: str) -> None:
     """Write a benchmark's generated table to ``path`` (if given), for the documentation to
     include as it is."""
-    if path is None:
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.rstrip() + "\n", encoding="utf-8")
+    _write(path, text.rstrip())
 
 
 def write_json(path: str | Path | None, payload: object) -> None:
     """Write a benchmark's settings and results to ``path`` (if given) as indented JSON."""
+    _write(path, json.dumps(payload, indent=1))
+
+
+def _write(path: str | Path | None, text: str) -> None:
+    """``text`` and a newline into ``path``, its folder created; nothing if ``path`` is None."""
     if path is None:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    path.write_text(text + "\n", encoding="utf-8")
 
 
 def count_parameters(model: nn.Module) -> int:

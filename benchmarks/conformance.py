@@ -104,9 +104,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = run(args.steps)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+    common.write_json(args.json, rows)
     if args.markdown is not None:
         print(markdown(rows, args.steps))
         common.write_markdown(args.markdown or None, markdown(rows, args.steps))

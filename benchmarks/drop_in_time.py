@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -172,9 +171,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
         )
     print("\n".join(lines))
     common.write_markdown(args.markdown, "\n".join(lines))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+    common.write_json(args.json, rows)
     return rows
 
 

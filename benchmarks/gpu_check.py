@@ -49,14 +49,12 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import math
 import statistics
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -583,9 +581,7 @@ def check(args: argparse.Namespace) -> dict:
         "race": race_result,
         "seconds": time.perf_counter() - began,
     }
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    common.write_json(args.json, report)
     return report
 
 
