@@ -52,15 +52,21 @@ import curveball
 from benchmarks import common, plots
 from benchmarks.engd import ENGD
 from benchmarks.hessian_free import HessianFree
-from benchmarks.pdes import TASKS, FunctionalResidual, Points, Task, half_squared_norm
+from benchmarks.pdes import (
+    TASKS,
+    FunctionalResidual,
+    Points,
+    Task,
+    half_squared_norm,
+    pointwise_residual,
+)
 from benchmarks.pdes import residual_vector as user_residual
 
-CONTENDERS = ("curveball-full-batch", "curveball", "engd", "engd-woodbury", "hessian-free",
-              "adam", "lbfgs", "adam-lbfgs")  # fmt: skip
+CONTENDERS = ("curveball-pointwise", "curveball-full-batch", "curveball", "engd",
+              "engd-woodbury", "hessian-free", "adam", "lbfgs", "adam-lbfgs")  # fmt: skip
 """The contenders of a default run."""
 
-EXACT_GAUSS_NEWTON = {"lambd": 1e-10, "lambda_factor": 1.0, "precondition_interval": 1,
-                      "inner_steps": 1}  # fmt: skip
+EXACT_GAUSS_NEWTON = {"solver": "exact"}
 """``curveball-exact``, a diagnostic contender (``--contenders curveball-exact``, not in a
 default run): ``FULL_BATCH_DEFAULTS`` with these changes, ENGD's damping (a fixed
 λ = 1e-10: ``lambda_factor=1`` keeps it) and the dense Gauss-Newton matrix formed afresh
@@ -177,12 +183,20 @@ def preset(name: str) -> dict:
     return settings
 
 
-def curveball_stepper(model: nn.Module, problem: Problem, settings: dict) -> Stepper:
-    """CurveBall with ``settings`` on the user's-way residual: ``opt.step(model_fn, ½‖r‖²)``."""
+def curveball_stepper(
+    model: nn.Module, problem: Problem, settings: dict, pointwise: bool = False
+) -> Stepper:
+    """CurveBall with ``settings``: ``opt.step(model_fn, ½‖r‖²)`` on the user's-way residual,
+    or (``pointwise``) on the residual written point by point
+    (:class:`curveball.pointwise.PointwiseResidual`), which brings its Jacobian."""
     opt = curveball.CurveBall(model, **settings)
 
     def step(points: Points) -> torch.Tensor:
-        loss, _ = opt.step(lambda: problem.residual(model, points), half_squared_norm)
+        if pointwise:
+            model_fn = pointwise_residual(problem.task.pde, model, points)
+        else:
+            model_fn = lambda: problem.residual(model, points)  # noqa: E731
+        loss, _ = opt.step(model_fn, half_squared_norm)
         return loss
 
     step.optimizer = opt  # type: ignore[attr-defined]  # the race notes its engine and skips
@@ -264,6 +278,8 @@ def make_stepper(
         return curveball_stepper(
             model, problem, {**preset("FULL_BATCH_DEFAULTS"), **EXACT_GAUSS_NEWTON}
         )
+    if name == "curveball-pointwise":
+        return curveball_stepper(model, problem, preset("FULL_BATCH_DEFAULTS"), pointwise=True)
     if name == "engd":
         _check_gramian_size(model, args.engd_max_gramian)
         return engd_stepper(model, problem, "gramian", args.engd_damping)

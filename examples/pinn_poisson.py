@@ -13,6 +13,12 @@ whichever it measures faster). The last line printed is the relative L2 error on
 fresh points. A few minutes on a laptop CPU::
 
     python examples/pinn_poisson.py --seconds 120
+
+With ``--pointwise`` the same residual is written point by point with ``torch.func``
+(:class:`curveball.PointwiseResidual`): it brings its Jacobian by per-point reverse mode, and
+the preset then solves every step's Gauss-Newton system exactly (ENGD's step). In 30 s (two
+threads, beside another job), ``--seconds 30`` ended at 1.8e-4 and ``--seconds 30 --pointwise``
+at 2.7e-7.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import time
 import torch
 from torch import nn
 
-from curveball import FULL_BATCH_DEFAULTS, CurveBall
+from curveball import FULL_BATCH_DEFAULTS, CurveBall, PointwiseResidual, Term
 
 
 def boundary(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -43,10 +49,27 @@ def residuals(net: nn.Module, inside: torch.Tensor, edge: torch.Tensor) -> torch
     laplacian = sum(
         torch.autograd.grad(grad[:, i].sum(), inside, create_graph=True)[0][:, i] for i in range(2)
     )
-    x, y = inside[:, 0], inside[:, 1]
-    forcing = 2 * math.pi**2 * torch.sin(math.pi * x) * torch.sin(math.pi * y)
-    interior = (-laplacian - forcing.detach()) / math.sqrt(len(inside))
+    interior = (-laplacian - forcing(inside.detach())) / math.sqrt(len(inside))
     return torch.cat([interior, net(edge).squeeze(-1) / math.sqrt(len(edge))])
+
+
+def forcing(x: torch.Tensor) -> torch.Tensor:
+    """f = 2π² sin(πx) sin(πy) at points ``x`` (the last dimension holds x and y)."""
+    return 2 * math.pi**2 * torch.sin(math.pi * x[..., 0]) * torch.sin(math.pi * x[..., 1])
+
+
+def pointwise(net: nn.Module, inside: torch.Tensor, edge: torch.Tensor) -> PointwiseResidual:
+    """The same residual point by point: Δu(x) as the trace of ``torch.func.hessian``."""
+
+    def interior(u, x):
+        return -torch.func.hessian(lambda y: u(y).squeeze())(x).trace() - forcing(x)
+
+    def on_edge(u, x):
+        return u(x).squeeze()
+
+    return PointwiseResidual(
+        net, [Term(interior, inside, len(inside) ** -0.5), Term(on_edge, edge, len(edge) ** -0.5)]
+    )
 
 
 def relative_error(net: nn.Module, points: torch.Tensor) -> float:
@@ -59,6 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=120.0, help="training time")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--pointwise", action="store_true", help="the residual point by point (torch.func)"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
@@ -68,9 +94,13 @@ def main(argv: list[str] | None = None) -> None:
     test = torch.rand(10_000, 2, generator=g, dtype=torch.float64)
 
     optimizer = CurveBall(net, **FULL_BATCH_DEFAULTS)
+    if args.pointwise:
+        model_fn = pointwise(net, inside.detach(), edge)
+    else:
+        model_fn = lambda: residuals(net, inside, edge)  # noqa: E731
     start, report = time.perf_counter(), 1.0
     while (elapsed := time.perf_counter() - start) < args.seconds:
-        loss, _ = optimizer.step(lambda: residuals(net, inside, edge), lambda r: 0.5 * (r**2).sum())
+        loss, _ = optimizer.step(model_fn, lambda r: 0.5 * (r**2).sum())
         if elapsed >= report:
             print(f"{elapsed:6.1f} s  step {optimizer.steps:5d}  loss {loss.item():.3e}  "
                   f"relative L2 {relative_error(net, test):.2e}")  # fmt: skip

@@ -9,8 +9,9 @@ import pytest
 from examples import pinn_poisson
 
 
-def test_the_pinn_example_ends_with_its_relative_error(capsys):
-    pinn_poisson.main(["--seconds", "1"])
+@pytest.mark.parametrize("way", [[], ["--pointwise"]])
+def test_the_pinn_example_ends_with_its_relative_error(capsys, way):
+    pinn_poisson.main(["--seconds", "1", *way])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"final relative L2 error: \d\.\d{3}e[+-]\d\d", last)
 

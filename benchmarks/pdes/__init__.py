@@ -25,6 +25,7 @@ from benchmarks.pdes.residual import (
     FunctionalResidual,
     Points,
     half_squared_norm,
+    pointwise_residual,
     residual_vector,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "Points",
     "Task",
     "half_squared_norm",
+    "pointwise_residual",
     "residual_vector",
 ]
 

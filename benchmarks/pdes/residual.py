@@ -15,6 +15,9 @@ Gramian of energy natural gradient descent (Müller & Zeinhofer, ICML 2023).
   function of the parameter tuple, vmapped over points, and its per-sample Jacobian by
   reverse mode (``vmap`` over points of ``grad`` of the per-point residual), for ENGD and
   Hessian-free.
+* :func:`pointwise_residual` is the same per-point residual as the library's
+  :class:`curveball.pointwise.PointwiseResidual`, a ``model_fn`` that also gives CurveBall
+  its Jacobian by per-point reverse mode.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import nn
 from torch.func import grad_and_value, vmap
 
 from benchmarks.pdes.operators import PointFunction, point_model
+from curveball.pointwise import PointwiseResidual, Term
 
 Points = dict[str, torch.Tensor]
 """Collocation points by residual term, each of shape ``(Nₜ, d)``."""
@@ -62,6 +66,19 @@ def residual_vector(pde: PDE, model: nn.Module, points: Points) -> torch.Tensor:
 def half_squared_norm(r: torch.Tensor) -> torch.Tensor:
     """The PINN loss from its residual vector, L = ½‖r‖²."""
     return 0.5 * (r**2).sum()
+
+
+def pointwise_residual(pde: PDE, model: nn.Module, points: Points) -> PointwiseResidual:
+    """r = concat_t(rₜ / √Nₜ) written point by point (``torch.func``), as a CurveBall
+    ``model_fn`` that carries its Jacobian by per-point reverse mode."""
+
+    def term(name: str):
+        def fn(u: PointFunction, x: torch.Tensor) -> torch.Tensor:
+            return pde.point_residual(name, lambda y: u(y).squeeze(), x)
+
+        return Term(fn, points[name], 1.0 / math.sqrt(len(points[name])))
+
+    return PointwiseResidual(model, [term(name) for name in pde.terms])
 
 
 class FunctionalResidual:

@@ -10,12 +10,13 @@ The public API is what this module exports; every module whose name starts
 with an underscore is internal and may change between releases.
 """
 
-from curveball import losses
+from curveball import losses, pointwise
 from curveball._curvature.engine import DoubleBackwardUnsupported
 from curveball._curvature.ggn import ggn_vector_product
 from curveball._hyperparameters import FULL_BATCH_DEFAULTS, PAPER_DEFAULTS
 from curveball._optimizer import CurveBall
 from curveball._step_info import StepInfo
+from curveball.pointwise import PointwiseResidual, Term
 
 __version__ = "0.2.0"
 
@@ -24,8 +25,11 @@ __all__ = [
     "DoubleBackwardUnsupported",
     "FULL_BATCH_DEFAULTS",
     "PAPER_DEFAULTS",
+    "PointwiseResidual",
     "StepInfo",
+    "Term",
     "__version__",
     "ggn_vector_product",
     "losses",
+    "pointwise",
 ]

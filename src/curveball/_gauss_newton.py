@@ -72,11 +72,26 @@ def jacobian(
 
 
 def gauss_newton(
-    engine: JacobianEngine, params: Sequence[torch.Tensor], loss: LossDerivatives
+    engine: JacobianEngine,
+    params: Sequence[torch.Tensor],
+    loss: LossDerivatives,
+    jac: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``G = Jᵀ H_L J`` and ``Jᵀ J_L`` (float64) at the engine's point."""
+    """``G = Jᵀ H_L J`` and ``Jᵀ J_L`` (float64) at the engine's point (``jac``: ``J``
+    if it is known already, from the model function itself).
+
+    Raises:
+        ValueError: if ``jac`` is not of the predictions' count × the parameters' size.
+    """
     shape = loss.predictions.shape
-    jac = jacobian(engine, params, loss.predictions)
+    if jac is None:
+        jac = jacobian(engine, params, loss.predictions)
+    expected = (shape.numel(), sum(real_view(p).numel() for p in params))
+    if tuple(jac.shape) != expected:
+        raise ValueError(
+            f"model_fn.jacobian: expected a {expected[0]} × {expected[1]} Jacobian (the "
+            f"predictions × the parameters), got {tuple(jac.shape)}"
+        )
     h_jac = torch.stack(
         [loss.hvp(c.view(shape).to(loss.predictions.dtype)).reshape(-1).double() for c in jac.T],
         dim=1,

@@ -29,6 +29,7 @@ from curveball import _hyperparameters as hyperparameters
 from curveball import _inner_loop as inner_loop
 from curveball._curvature.engine import JacobianEngine
 from curveball._curvature.forward_mode import ForwardModeEngine
+from curveball._curvature.jacobian_matrix import JacobianMatrixEngine, takes_matrix
 from curveball._distributed import Averager
 from curveball._hyperparameters import PAPER_DEFAULTS
 from curveball._layout import AVERAGE, Layout
@@ -42,6 +43,7 @@ from curveball._step_info import StepInfo
 from curveball._trust_region import trial_loss, trial_update
 from curveball._update import move_, step_z_
 from curveball._warn import OnceWarner
+from curveball.pointwise import PointwiseResidual
 
 __all__ = ["PAPER_DEFAULTS", "CurveBall"]
 
@@ -112,9 +114,14 @@ class CurveBall(torch.optim.Optimizer):
             or mean over the predictions' rows. 1 (the paper): the whole batch.
         inner_steps: iterations on each step's quadratic model before the parameters
             move (:mod:`curveball._inner_loop`; for a batch that comes every step).
-        solver: ``"curveball"`` (the paper: ``z`` minimises the model over span{z, d})
-            or ``"conjugate"`` (inner iterations over span{z − z_prev, d}: conjugate
-            gradients on the damped Gauss-Newton system).
+        solver: ``"curveball"`` (the paper: ``z`` minimises the model over span{z, d}),
+            ``"conjugate"`` (inner iterations over span{z − z_prev, d}: conjugate
+            gradients on the damped Gauss-Newton system), ``"exact"`` (the dense
+            Gauss-Newton system solved at every step, with the fixed damping
+            ``curveball._hyperparameters.EXACT_DAMPING``: energy natural gradient
+            descent's step) or ``"auto"`` (``"exact"`` when ``model_fn`` is a
+            :class:`curveball.pointwise.PointwiseResidual`, which brings its Jacobian, on
+            at most 2,048 parameters; ``"conjugate"`` otherwise).
         line_search: on a trust-region test that finds the loss risen, halve the step
             until it descends (:mod:`curveball._trust_region`) before rejecting it.
         lambda_min: the trust-region rule does not shrink λ below this (0, the paper:
@@ -260,12 +267,16 @@ class CurveBall(torch.optim.Optimizer):
         state, groups = self.curveball_state, self.param_groups
         batch = Batch.of(model_fn, loss_fn, groups, state.psd_loss, self.averager, self._warn_once)
         layout = self._prepare()
-        plan = _plan.plan(state, hyper, layout.params)
+        given = isinstance(model_fn, PointwiseResidual)
+        plan = _plan.plan(state, hyper, layout.params, jacobian_given=given)
+        lambd = state.lambd
         rollback = Rollback(layout)
         engines = layout.engines
         try:
             products, info = engines.run(
-                lambda engine: self._solve(engine, batch, layout, plan, hyper), rollback.buffers
+                lambda engine: self._solve(engine, batch, layout, plan, hyper),
+                rollback.buffers,
+                matrix=given and takes_matrix(model_fn, layout.params),
             )
             if info.skipped:
                 info = self._skip(info, rollback, hyper)
@@ -283,6 +294,9 @@ class CurveBall(torch.optim.Optimizer):
             raise
         finally:
             engines.engine.finish()
+        if plan.solver == "exact":  # its damping is fixed: the rule's λ is for the other solvers
+            state.lambd = lambd
+            info = replace(info, next_lambd=lambd)
         self._end(plan, info, engines.engine)
         return products.loss.loss, products.predictions.detach()
 
@@ -346,6 +360,8 @@ class CurveBall(torch.optim.Optimizer):
         """Count the step, grow the float16 scale after a finite one, keep the record."""
         self.curveball_state.count(plan.step, plan.loss_scale is not None and not info.skipped)
         engine_name = "forward" if isinstance(engine, ForwardModeEngine) else "double-backward"
+        if isinstance(engine, JacobianMatrixEngine):
+            engine_name = "jacobian"
         self.last = replace(info, engine=engine_name)
 
 

@@ -34,7 +34,9 @@ class Plan:
     inverse: str | None = None  # "gauss-newton" or "nystrom": precondition with ≈ (G + λI)⁻¹
     new_inverse: bool = False  # form G (or its sketch) afresh at this step
     rank: int = 64  # the Nyström sketch's number of products
-    solver: str = "curveball"  # "curveball" (span{z, d}) or "conjugate" (span{z − z_prev, d})
+    solver: str = (
+        "curveball"  # "curveball" (span{z, d}), "conjugate" (span{z − z_prev, d}), "exact"
+    )
 
     @property
     def minibatch(self) -> bool:
@@ -62,29 +64,47 @@ def parameter_count(params: list[torch.Tensor]) -> int:
     return sum(2 * p.numel() if p.is_complex() else p.numel() for p in params)
 
 
-def plan(state: CurveBallState, hyper: dict[str, Any], params: list[torch.Tensor]) -> Plan:
-    """The plan of the step after ``state.step`` steps, with the global hyper-parameters."""
+def plan(
+    state: CurveBallState,
+    hyper: dict[str, Any],
+    params: list[torch.Tensor],
+    jacobian_given: bool = False,
+) -> Plan:
+    """The plan of the step after ``state.step`` steps, with the global hyper-parameters
+    (``jacobian_given``: the model function brings its Jacobian, which ``solver="auto"``
+    takes as the sign that the exact solve is cheap).
+
+    ``solver="exact"`` forms the dense Gauss-Newton matrix at every step and solves with
+    the fixed damping :data:`~curveball._hyperparameters.EXACT_DAMPING`: one iteration with
+    ``P = (G + λI)⁻¹`` at this point lands on the model's minimiser (ρ = β = 1), so no
+    further iteration could improve it."""
     step = state.step + 1
+    size = parameter_count(params)
+    name = hyper.get("solver", "curveball")
+    solver = hyperparameters.solver(name, size, hyper["precondition"], jacobian_given)
     auto_sizes = hyper["momentum"] is None or hyper["beta"] is None
     trial = hyper["auto_lambda"] and step % hyper["lambda_interval"] == 0
     due = (step - 1) % hyper["step_size_interval"] == 0
     refresh = trial or (auto_sizes and (due or not reusable(state.sizes, hyper)))
-    kind = hyperparameters.preconditioner(hyper["precondition"], parameter_count(params))
+    kind = hyperparameters.preconditioner(hyper["precondition"], size)
     precondition = None
     if kind == "diagonal":
         precondition = (hyper["precondition_decay"], hyper["precondition_eps"])
     inverse = kind if kind in ("gauss-newton", "nystrom") else None
     interval = hyper.get("precondition_interval", 1)
+    exact = solver == "exact"
+    if exact:
+        precondition, inverse, interval = None, "gauss-newton", 1
     return Plan(
         step=step,
-        lambd=state.lambd,
+        lambd=hyperparameters.EXACT_DAMPING if exact else state.lambd,
         refresh=refresh,
         trial=trial,
         loss_scale=state.loss_scale if float16_in_use(params) else None,
         precondition=precondition,
         curvature_fraction=hyper["curvature_fraction"],
-        inner_steps=hyper.get("inner_steps", 1),
-        solver=hyper.get("solver", "curveball"),
+        inner_steps=1 if exact else hyper.get("inner_steps", 1),
+        solver=solver,
         inverse=inverse,
         new_inverse=inverse is not None and (step - 1) % interval == 0,
         rank=hyper.get("precondition_rank", 64),

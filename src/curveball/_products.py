@@ -26,6 +26,7 @@ import torch
 from torch.profiler import record_function
 
 from curveball._curvature.engine import JacobianEngine
+from curveball._curvature.jacobian_matrix import JacobianMatrixEngine
 from curveball._curvature.loss_derivatives import LossDerivatives
 from curveball._curvature.row_subset import leading_rows
 from curveball._distributed import Averager
@@ -36,6 +37,7 @@ from curveball._param_vectors import dot
 from curveball._plan import Plan
 from curveball._preconditioner import multiplied, precondition_
 from curveball._step_scalars import StepScalars
+from curveball.pointwise import PointwiseResidual
 
 PHASES = (
     "curveball: pass 1 (y, Jz)",
@@ -235,7 +237,12 @@ def curvature_inverse(
     (:mod:`curveball._nystrom`) preconditioner at this point, its matrix averaged over
     processes (every process then takes the same steps)."""
     if plan.inverse == "gauss-newton":
-        matrix = gauss_newton(engine, layout.params, loss)[0]
+        model_fn, jac = batch.model_fn, None
+        if isinstance(engine, JacobianMatrixEngine):  # J is at hand
+            jac = engine.matrix
+        elif isinstance(model_fn, PointwiseResidual):
+            jac = model_fn.jacobian(layout.params)
+        matrix = gauss_newton(engine, layout.params, loss, jac)[0]
         batch.averager.mean_([matrix])
         return DenseInverse(matrix)
 

@@ -25,7 +25,9 @@ class StepInfo:
             after a rejected step, which restarts it from zero).
         reason: why it was skipped (what was non-finite, why it could not move, or
             that the loss rose on its batch and it was rejected).
-        engine: ``"forward"`` or ``"double-backward"``: how the products were computed.
+        engine: ``"forward"``, ``"double-backward"`` or ``"jacobian"`` (matrix products with
+            the Jacobian a :class:`curveball.pointwise.PointwiseResidual` brings): how the
+            products were computed.
         inner_steps: the iterations on the step's quadratic model that were taken
             (``inner_steps`` of the optimizer, fewer if one could not be taken).
         step_length: the fraction of the update that was taken (below 1 when the line

@@ -167,10 +167,13 @@ def test_the_gramian_engd_is_skipped_on_the_deep_net_with_the_reason():
     assert run.error.startswith("skipped") and run.steps == 0
 
 
-def test_the_exact_contender_takes_the_gauss_newton_step_of_engd():
-    """``curveball-exact``: from the initial weights, the step is ENGD's Gauss-Newton
-    direction −(JᵀJ + 1e-10·I)⁻¹Jᵀr (J from per-point reverse mode, a second code path),
-    times the line search's step length."""
+@pytest.mark.parametrize("name", ["curveball-exact", "curveball-pointwise"])
+def test_the_exact_contenders_take_the_gauss_newton_step_of_engd(name):
+    """``curveball-exact`` (the batched residual, J by forward-mode columns) and
+    ``curveball-pointwise`` (the preset on the pointwise residual, products from its J):
+    from the initial weights, the step is ENGD's Gauss-Newton direction
+    −(JᵀJ + 1e-10·I)⁻¹Jᵀr (J from the benchmark's own per-point reverse mode, a second code
+    path), times the line search's step length."""
     args = pinn_race.parse_args(["--quick"])
     problem = pinn_race.Problem.create(TASKS["poisson2d"].shrunk(0.05), args)
     model = problem.init
@@ -180,9 +183,11 @@ def test_the_exact_contender_takes_the_gauss_newton_step_of_engd():
     gramian = jacobian.T @ jacobian + 1e-10 * torch.eye(jacobian.shape[1], dtype=torch.float64)
     direction = -torch.linalg.solve(gramian, jacobian.T @ residual)
     before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    step = pinn_race.make_stepper("curveball-exact", model, problem, args)
+    step = pinn_race.make_stepper(name, model, problem, args)
     step(points)
     info = step.optimizer.last
+    if name == "curveball-pointwise":
+        assert info.engine == "jacobian"  # the products came from the residual's J
     assert not info.skipped and info.step_length < 1.0  # the full step rose: it was shortened
     after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     # the Gramian is singular here (its smallest eigenvalue is 0 to rounding), so the step

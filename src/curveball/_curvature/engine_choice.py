@@ -21,6 +21,10 @@ recognised by the first forward-mode pass that meets ``torch.autograd.grad``
 again in forward mode without the lean rules, which the following steps keep.
 That is not a fallback and gives no warning.
 
+A model function that brings its Jacobian (:class:`curveball.pointwise.PointwiseResidual`)
+gets neither: its products are matrix products with that Jacobian
+(:mod:`~curveball._curvature.jacobian_matrix`), where it fits in memory.
+
 ``forward_mode="fastest"`` measures instead of assuming: the second step runs with
 double backward, the fourth in forward mode (the first and third warm each up), and
 the faster one serves from then on, double backward only if it took under
@@ -51,6 +55,7 @@ from curveball._curvature.double_backward import DoubleBackwardEngine
 from curveball._curvature.engine import DoubleBackwardUnsupported, JacobianEngine
 from curveball._curvature.forward_mode import ForwardModeEngine
 from curveball._curvature.input_derivatives import InputDerivativesSeen, ModelTraits
+from curveball._curvature.jacobian_matrix import JacobianMatrixEngine
 from curveball._curvature.module_tensors import ModuleTensors
 
 MODES = ("auto", "forward", "double-backward", "fastest")
@@ -90,6 +95,7 @@ class EngineChoice:
             ForwardModeEngine(params, tensors, self.traits) if tensors is not None else None
         )
         self._double = DoubleBackwardEngine(params, tensors, self.traits)
+        self._matrix = JacobianMatrixEngine(params)
         self._on_fallback = on_fallback
         self._wait = 0  # steps left on double backward before forward mode is tried again
         self._retry = FIRST_RETRY
@@ -104,12 +110,20 @@ class EngineChoice:
         self._trials = 0  # calls of run() measured by the "fastest" mode
         self._double_seconds = math.inf
 
-    def run(self, attempt: Callable[[JacobianEngine], T], undo: Callable[[], None]) -> T:
+    def run(
+        self,
+        attempt: Callable[[JacobianEngine], T],
+        undo: Callable[[], None],
+        matrix: bool = False,
+    ) -> T:
         """``attempt(engine)`` with the chosen engine, falling back as documented.
 
         ``undo`` puts the module's buffers back after a failed attempt (the
-        random generators are rewound here).
+        random generators are rewound here). ``matrix``: the model function brings its
+        Jacobian, and the products come from it (no choice, no fallback).
         """
+        if matrix:
+            return self._attempt(self._matrix, attempt)
         for _ in range(len(fields(ModelTraits))):
             try:
                 return self._run(attempt, undo)

@@ -1,0 +1,270 @@
+"""Residuals written point by point: their values and per-point Jacobian against the batched
+residual the user's way (``autograd.grad``, differentiated by ``torch.autograd.functional``),
+and the exact solver they switch on."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import hessian, jacrev
+
+from curveball import FULL_BATCH_DEFAULTS, CurveBall, PointwiseResidual, Term
+from curveball._curvature import jacobian_matrix
+from curveball._hyperparameters import EXACT_DAMPING
+
+
+def network(seed: int = 0, outputs: int = 1) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, outputs)).double()
+
+
+def points(count: int, seed: int) -> torch.Tensor:
+    return torch.rand(count, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def forcing(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(math.pi * x[..., 0]) * torch.cos(x[..., 1])
+
+
+INTERIOR, BOUNDARY = points(11, 1), points(5, 2)
+
+
+def poisson_pointwise(model: nn.Module) -> PointwiseResidual:
+    """−Δu − f inside, u on the boundary; the Laplacian by ``torch.func.hessian``."""
+
+    def interior(u, x):
+        return -hessian(lambda y: u(y).squeeze())(x).trace() - forcing(x)
+
+    def boundary(u, x):
+        return u(x).squeeze()
+
+    return PointwiseResidual(model, [Term(interior, INTERIOR, 0.5), (boundary, BOUNDARY, 2.0)])
+
+
+def poisson_batched(model: nn.Module) -> torch.Tensor:
+    """The same residual the user's way: ``autograd.grad`` twice on the batch."""
+    x = INTERIOR.clone().requires_grad_(True)
+    u = model(x).squeeze(-1)
+    (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+    laplacian = sum(
+        torch.autograd.grad(du[:, i].sum(), x, create_graph=True)[0][:, i] for i in range(2)
+    )
+    interior = (-laplacian - forcing(INTERIOR)) * 0.5
+    return torch.cat([interior, model(BOUNDARY).squeeze(-1) * 2.0])
+
+
+def sobolev_pointwise(model: nn.Module) -> PointwiseResidual:
+    """Values and input gradients of a two-output net at each point (a vector residual)."""
+
+    def term(u, x):
+        return torch.cat([u(x) - forcing(x), jacrev(u)(x).reshape(-1)])
+
+    return PointwiseResidual(model, [Term(term, INTERIOR)])
+
+
+def sobolev_batched(model: nn.Module) -> torch.Tensor:
+    x = INTERIOR.clone().requires_grad_(True)
+    u = model(x)
+    grads = [torch.autograd.grad(u[:, k].sum(), x, create_graph=True)[0] for k in range(2)]
+    per_point = torch.cat([u - forcing(INTERIOR)[:, None], torch.stack(grads, 1).flatten(1)], 1)
+    return per_point.reshape(-1)
+
+
+def batched_jacobian(model: nn.Module, residual) -> torch.Tensor:
+    """The oracle: ``torch.autograd.functional.jacobian`` of the batched residual."""
+    names = [name for name, _ in model.named_parameters()]
+    values = tuple(p.detach().clone() for p in model.parameters())
+
+    def of(*params):
+        weights = dict(zip(names, params, strict=True))
+        with _substituted(model, weights):
+            return residual(model)
+
+    blocks = torch.autograd.functional.jacobian(of, values)
+    return torch.cat([b.reshape(b.shape[0], -1) for b in blocks], dim=1)
+
+
+class _substituted:
+    """Run the body with ``weights`` (by name) in place of the module's parameters."""
+
+    def __init__(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        self.model, self.weights, self.saved = model, weights, {}
+
+    def __enter__(self) -> None:
+        for name, value in self.weights.items():
+            module_name, _, attr = name.rpartition(".")
+            module = self.model.get_submodule(module_name)
+            self.saved[name] = module._parameters[attr]
+            module._parameters[attr] = value
+
+    def __exit__(self, *exc) -> None:
+        for name, value in self.saved.items():
+            module_name, _, attr = name.rpartition(".")
+            self.model.get_submodule(module_name)._parameters[attr] = value
+
+
+CASES = {
+    "poisson": (network, poisson_pointwise, poisson_batched),
+    "sobolev": (lambda: network(outputs=2), sobolev_pointwise, sobolev_batched),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_values_and_jacobian_equal_the_batched_residual(name):
+    build, pointwise, batched = CASES[name]
+    model = build()
+    residual = pointwise(model)
+    torch.testing.assert_close(residual(), batched(model), rtol=0, atol=1e-12)
+    jac = residual.jacobian(list(model.parameters()))
+    assert jac.dtype == torch.float64
+    torch.testing.assert_close(jac, batched_jacobian(model, batched), rtol=0, atol=1e-10)
+
+
+def test_the_jacobian_of_some_parameters_is_their_columns_in_their_order():
+    model = network()
+    residual = poisson_pointwise(model)
+    params = list(model.parameters())
+    full = residual.jacobian(params)
+    sizes = [p.numel() for p in params]
+    columns = torch.split(full, sizes, dim=1)
+    torch.testing.assert_close(residual.jacobian([params[2], params[0]]),
+                               torch.cat([columns[2], columns[0]], dim=1))  # fmt: skip
+
+
+def half_squared_norm(r: torch.Tensor) -> torch.Tensor:
+    return 0.5 * r.square().sum()
+
+
+def test_an_exact_step_is_the_same_from_either_residual():
+    """``solver="exact"`` on the batched residual forms J by forward-mode columns; on the
+    point-by-point one from its per-point Jacobian: the same step (compared in J's range,
+    J Δw: the Gramian is singular to rounding at λ = 1e-10, so Δw itself is not fixed)."""
+    first, second = network(), network()
+    jac = poisson_pointwise(first).jacobian(list(first.parameters()))
+    before = torch.cat([p.detach().reshape(-1) for p in first.parameters()])
+    moves = []
+    for model, model_fn in ((first, lambda: poisson_batched(first)),
+                            (second, poisson_pointwise(second))):  # fmt: skip
+        opt = CurveBall(model, **{**FULL_BATCH_DEFAULTS, "solver": "exact"})
+        opt.step(model_fn, half_squared_norm)
+        moves.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - before)
+    torch.testing.assert_close(jac @ moves[0], jac @ moves[1], rtol=1e-8, atol=1e-12)
+
+
+def test_an_exact_step_is_the_gauss_newton_step_of_least_squares():
+    """J Δw equals J times −(JᵀJ + 10⁻¹⁰ I)⁻¹ Jᵀ r at the line search's step length (the
+    comparison in J's range: the Gramian is singular to rounding, so Δw itself is not)."""
+    model = network()
+    before = [p.detach().clone() for p in model.parameters()]
+    residual = poisson_pointwise(model)
+    jac, r = residual.jacobian(list(model.parameters())), residual().detach()
+    opt = CurveBall(model, **FULL_BATCH_DEFAULTS)
+    opt.step(residual, half_squared_norm)
+    assert opt.last.lambd == EXACT_DAMPING and opt.last.inner_steps == 1
+    gramian = jac.T @ jac + EXACT_DAMPING * torch.eye(jac.shape[1], dtype=torch.float64)
+    newton = -torch.linalg.solve(gramian, jac.T @ r)
+    moved = torch.cat(
+        [(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before, strict=True)]
+    )
+    length = opt.last.step_length
+    torch.testing.assert_close(jac @ moved, length * (jac @ newton), rtol=1e-6, atol=1e-9)
+
+
+def test_the_exact_solver_leaves_the_rules_damping_alone():
+    model = network()
+    opt = CurveBall(model, **{**FULL_BATCH_DEFAULTS, "lambd": 0.3})
+    residual = poisson_pointwise(model)
+    for _ in range(3):
+        opt.step(residual, half_squared_norm)
+        assert opt.last.lambd == EXACT_DAMPING and opt.lambd == 0.3
+
+
+def test_auto_takes_the_exact_solver_only_where_the_jacobian_comes_with_the_model_function():
+    model = network()
+    opt = CurveBall(model, **FULL_BATCH_DEFAULTS)
+    opt.step(lambda: poisson_batched(model), half_squared_norm)  # a plain model function
+    assert opt.last.lambd == FULL_BATCH_DEFAULTS["lambd"] and opt.last.inner_steps > 1
+    big = nn.Sequential(nn.Linear(2, 64), nn.Tanh(), nn.Linear(64, 32)).double()  # D > 2048
+    opt = CurveBall(big, **FULL_BATCH_DEFAULTS)
+    opt.step(PointwiseResidual(big, [(lambda u, x: u(x), INTERIOR)]), half_squared_norm)
+    assert opt.last.lambd == FULL_BATCH_DEFAULTS["lambd"]
+
+
+def test_pointwise_training_reaches_the_least_squares_fit_of_a_linear_model():
+    """On a model linear in θ the Gauss-Newton step is Newton's: one exact step from any
+    start lands on the least-squares solution (to the line search's full length)."""
+    torch.manual_seed(3)
+    model = nn.Linear(2, 1).double()
+    target = torch.tensor([0.5, -2.0, 1.0], dtype=torch.float64)
+    x = points(9, 4)
+    residual = PointwiseResidual(model, [(lambda u, p: u(p) - target[0] - p @ target[1:], x)])
+    opt = CurveBall(model, **FULL_BATCH_DEFAULTS)
+    opt.step(residual, half_squared_norm)
+    got = torch.cat([model.bias.detach(), model.weight.detach().reshape(-1)])
+    torch.testing.assert_close(got, target, rtol=0, atol=1e-8)
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_terms_get_clear_errors():
+    model = network()
+    with pytest.raises(TypeError, match="nn.Module"):
+        PointwiseResidual(lambda x: x, [(lambda u, x: u(x), INTERIOR)])
+    with pytest.raises(ValueError, match="at least one term"):
+        PointwiseResidual(model, [])
+    with pytest.raises(TypeError, match=r"terms\[0\]: expected a Term"):
+        PointwiseResidual(model, [lambda u, x: u(x)])
+    with pytest.raises(TypeError, match="fn must be callable"):
+        PointwiseResidual(model, [(1.0, INTERIOR)])
+    with pytest.raises(TypeError, match="points must be a tensor"):
+        PointwiseResidual(model, [(lambda u, x: u(x), [[0.0, 1.0]])])
+    with pytest.raises(ValueError, match="at least one point"):
+        PointwiseResidual(model, [(lambda u, x: u(x), INTERIOR[:0])])
+
+
+def test_a_residual_of_another_module_is_refused_and_nothing_moves():
+    model, other = network(), network(seed=1)
+    opt = CurveBall(model, **FULL_BATCH_DEFAULTS)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="not a parameter of the residual's model"):
+        opt.step(poisson_pointwise(other), half_squared_norm)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name])
+
+
+def test_a_complex_parameter_is_refused_by_the_jacobian():
+    model = nn.Linear(2, 1, dtype=torch.complex128)
+    residual = PointwiseResidual(model, [(lambda u, x: torch.view_as_real(u(x)), INTERIOR)])
+    with pytest.raises(ValueError, match="complex"):
+        residual.jacobian(list(model.parameters()))
+
+
+def test_the_exact_solver_refuses_a_curvature_mini_batch():
+    with pytest.raises(ValueError, match="solver='exact' do not combine"):
+        CurveBall(network(), solver="exact", curvature_fraction=0.5)
+
+
+@pytest.mark.parametrize("limit", [None, 1])
+def test_products_from_the_jacobian_give_the_step_of_products_from_passes(monkeypatch, limit):
+    """Ten preconditioned conjugate iterations (``solver="conjugate"``): with the products
+    J t and Jᵀ u from the residual's Jacobian (engine ``"jacobian"``), and with them from
+    passes through the model (the batched residual; or the pointwise one over a
+    ``MATRIX_LIMIT`` it exceeds): the same step."""
+    if limit is not None:
+        monkeypatch.setattr(jacobian_matrix, "MATRIX_LIMIT", limit)
+    first, second = network(), network()
+    jac = poisson_pointwise(first).jacobian(list(first.parameters()))
+    before = torch.cat([p.detach().reshape(-1) for p in first.parameters()])
+    settings = {**FULL_BATCH_DEFAULTS, "solver": "conjugate", "forward_mode": "auto"}
+    moves, engines = [], []
+    for model, model_fn in ((first, lambda: poisson_batched(first)),
+                            (second, poisson_pointwise(second))):  # fmt: skip
+        opt = CurveBall(model, **settings)
+        opt.step(model_fn, half_squared_norm)
+        engines.append(opt.last.engine)
+        moves.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - before)
+    assert engines == ["forward", "jacobian" if limit is None else "forward"]
+    torch.testing.assert_close(jac @ moves[0], jac @ moves[1], rtol=1e-7, atol=1e-12)
