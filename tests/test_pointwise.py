@@ -188,6 +188,9 @@ def test_auto_takes_the_exact_solver_only_where_the_jacobian_comes_with_the_mode
     opt = CurveBall(model, **FULL_BATCH_DEFAULTS)
     opt.step(lambda: poisson_batched(model), half_squared_norm)  # a plain model function
     assert opt.last.lambd == FULL_BATCH_DEFAULTS["lambd"] and opt.last.inner_steps > 1
+    assert opt.last.solver == "conjugate"
+    opt.step(poisson_pointwise(model), half_squared_norm)
+    assert opt.last.solver == "exact" and opt.last.engine == "jacobian"
     big = nn.Sequential(nn.Linear(2, 64), nn.Tanh(), nn.Linear(64, 32)).double()  # D > 2048
     opt = CurveBall(big, **FULL_BATCH_DEFAULTS)
     opt.step(PointwiseResidual(big, [(lambda u, x: u(x), INTERIOR)]), half_squared_norm)

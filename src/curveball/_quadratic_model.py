@@ -240,7 +240,7 @@ def decide(
     ``H_L``).
     """
     last = last or (0.0, 0.0)
-    info = StepInfo(plan.step, scalars.loss, *last, plan.lambd, plan.lambd, 0.0)
+    info = StepInfo(plan.step, scalars.loss, *last, plan.lambd, plan.lambd, 0.0, solver=plan.solver)
     reason = _not_finite(scalars, plan)
     if reason is not None:
         return replace(info, skipped=True, reason=reason), False

@@ -99,6 +99,12 @@ def skip(info: StepInfo, state: CurveBallState, hyper: dict[str, Any]) -> tuple[
     if info.reason is not None and info.reason.startswith("float16 overflow"):
         state.loss_scale, state.scaled_steps = after_overflow(state.loss_scale), 0
         return replace(info, skipped=True, next_lambd=info.lambd), ""
+    if info.solver == "exact":  # its damping is fixed
+        message = (
+            f"CurveBall step {info.step} skipped: {info.reason}; parameters and z are "
+            "unchanged (solver='exact': the damping stays fixed)"
+        )
+        return replace(info, skipped=True, next_lambd=state.lambd), message
     omega = _damping.omega(hyper["lambda_factor"], hyper["lambda_interval"])
     lambd = state.lambd = _damping.raise_damping(info.lambd, omega)
     message = (
@@ -112,6 +118,17 @@ def reject(info: StepInfo, trial_loss: float, state: CurveBallState) -> tuple[St
     """The record of a rejected step, with ``state`` told to solve for ρ and β anew, and its
     warning."""
     state.rho = state.beta = None  # the next step solves for them anew
+    if info.solver == "exact":
+        message = (
+            f"CurveBall step {info.step} rejected: the loss on its batch rose from "
+            f"{info.loss:.6g} to {trial_loss:.6g} even on the line search's shortest step; the "
+            "parameters and buffers are back where they were (solver='exact': the Gauss-Newton "
+            "step of the next batch is tried; on a fixed batch, the same step fails again, so "
+            "use solver='conjugate')"
+        )
+        return replace(
+            info, skipped=True, reason="rejected: the loss rose on the step's batch"
+        ), message
     message = (
         f"CurveBall step {info.step} rejected: the loss on its batch rose from "
         f"{info.loss:.6g} to {trial_loss:.6g} where the quadratic model predicted a fall "

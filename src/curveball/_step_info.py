@@ -32,6 +32,8 @@ class StepInfo:
             (``inner_steps`` of the optimizer, fewer if one could not be taken).
         step_length: the fraction of the update that was taken (below 1 when the line
             search shortened it).
+        solver: the solver of the step: ``"curveball"``, ``"conjugate"`` or ``"exact"``
+            (what ``solver="auto"`` chose).
     """
 
     step: int
@@ -48,11 +50,13 @@ class StepInfo:
     engine: str = "forward"
     inner_steps: int = 1
     step_length: float = 1.0
+    solver: str = "curveball"
 
     def as_dict(self) -> dict[str, float]:
         """The numbers as plain floats, for any tracker (``nan`` where nothing was measured).
 
-        Booleans become 0.0 or 1.0; the text fields ``reason`` and ``engine`` are left out.
+        Booleans become 0.0 or 1.0; the text fields ``reason``, ``engine`` and ``solver`` are
+        left out.
         """
         out = {}
         for name, value in asdict(self).items():
