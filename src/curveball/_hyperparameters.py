@@ -108,9 +108,7 @@ EXACT_DAMPING = 1e-10
 gradient descent's Gramian solve (Müller & Zeinhofer, ICML 2023). Each step is then the
 Gauss-Newton step of least squares, ``z = −(G + 10⁻¹⁰ I)⁻¹ g``, safeguarded by the trust-region
 test and the line search rather than by λ; the trust-region rule's λ is left as it was, for
-the steps of the other solvers. (Measured on the PINN race, ``docs/results/pinn-race.md``: a
-fixed λ of 1e-2 or 1e-6, or the Levenberg-Marquardt rule from 1e-2, 1e-6 or 1e-10, all
-reach a relative error of 1e-5 later or not at all.)"""
+the steps of the other solvers."""
 
 
 def solver(name: str, size: int, precondition: bool | str, jacobian_given: bool) -> str:
