@@ -40,7 +40,7 @@ HEADLINES = (
              "python -m benchmarks.race --tasks mnist-mlp mnist-mlp-512 --budget 200 "
              "--eval-every 10 --threads 1"),
     Headline("The cost of a step", "step-time.md", None,
-             "python -m benchmarks.step_time --models mlp cnn --repeats 21 --authors PATH"),
+             "python -m benchmarks.step_time --models mlp cnn --repeats 61 --authors PATH"),
 )  # fmt: skip
 
 

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.profiler import record_function
 
 from curveball import _damping, _layout, _plan, _rollback
 from curveball import _hyperparameters as hyperparameters
@@ -35,7 +34,7 @@ from curveball._hyperparameters import PAPER_DEFAULTS
 from curveball._layout import AVERAGE, Layout
 from curveball._plan import Plan
 from curveball._preconditioner import average_dtype
-from curveball._products import PHASES, Batch, Products, compute, read_scalars
+from curveball._products import Batch, Products, compute, phase, read_scalars
 from curveball._quadratic_model import NOT_CONVEX, decide
 from curveball._rollback import Rollback
 from curveball._state import STATE_KEY, CurveBallState, group_defaults, split_saved
@@ -283,7 +282,7 @@ class CurveBall(torch.optim.Optimizer):
             elif plan.trial:
                 info = self._trust_region_test(info, products, batch, hyper, rollback)
             else:
-                with record_function(PHASES[5]):
+                with phase(5):
                     self._update(info, products, hyper)
             if products.averages is not None and not info.skipped:
                 _layout.adopt_averages(layout, self.state, products.averages)
@@ -314,7 +313,7 @@ class CurveBall(torch.optim.Optimizer):
 
     def _decide(self, engine, products: Products, batch, layout, plan, hyper) -> StepInfo:
         """The scalars of one iteration's products, and the solve for ρ and β."""
-        with record_function(PHASES[4]):
+        with phase(4):
             scalars = read_scalars(engine, products, layout, plan, batch)
             sizes = self.curveball_state.sizes
             info, indefinite = decide(scalars, plan, hyper, sizes, batch.weight_decays)

@@ -59,6 +59,10 @@ class ParamLayout:
         self.device = params[0].device
         self._single_device = all(p.device == self.device for p in params)
         self._single_dtype = len({p.dtype for p in params}) == 1
+        dtype = params[0].dtype
+        # one device and one real dtype of float32 or wider: every ``dot`` is a bare torch.dot
+        plain = self._single_device and self._single_dtype and dtype.is_floating_point
+        self._plain_dtype = dtype if plain and dtype not in HALF_PRECISION else None
         membership = torch.zeros(len(params), num_groups, dtype=torch.float64)
         membership[torch.arange(len(params)), torch.as_tensor(list(groups))] = 1.0
         self._membership = membership.to(self.device)
@@ -78,6 +82,15 @@ class ParamLayout:
         first parameter's device (per-parameter products are accumulated in the
         parameters' precision, float32 at least, or in float64 if ``precise``).
         """
+        if self._plain_dtype is not None and (not precise or self._plain_dtype == torch.float64):
+            # what ``dot`` does for such tensors, without its per-tensor checks
+            dots = [
+                torch.dot(x.reshape(-1), y.reshape(-1))
+                for a, b in pairs
+                for x, y in zip(a, b, strict=True)
+            ]
+            table = torch.stack(dots).view(len(pairs), -1)
+            return table.to(torch.float64) @ self._membership
         rows = []
         for a, b in pairs:
             dots = [dot(x, y, precise) for x, y in zip(a, b, strict=True)]

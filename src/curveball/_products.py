@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.profiler import record_function
 
 from curveball._curvature.engine import JacobianEngine
 from curveball._curvature.jacobian_matrix import JacobianMatrixEngine
@@ -49,6 +49,15 @@ PHASES = (
     "curveball: trust-region test",
 )
 """The labels of a step's stages in ``torch.profiler`` traces, in the order they run."""
+
+
+def phase(index: int) -> AbstractContextManager[Any]:
+    """The label ``PHASES[index]`` around a stage while a profiler records; nothing
+    otherwise (a label costs about 14 µs on a CPU, and a step has seven)."""
+    if torch.autograd._profiler_enabled():
+        return torch.profiler.record_function(PHASES[index])
+    return nullcontext()
+
 
 NOT_CUT = {
     "unsupported": (
@@ -202,14 +211,14 @@ def compute(engine: JacobianEngine, batch: Batch, layout: Layout, plan: Plan) ->
     assert zs is not None
     # a curvature mini-batch runs the second pass afresh: nothing to keep for it
     replayed = plan.refresh and not _cut(layout, plan)
-    with record_function(PHASES[0]):
+    with phase(0):
         y, jz = engine.linearize(batch.model_fn, zs, jvp_follows=replayed)
-    with record_function(PHASES[1]):
+    with phase(1):
         psd = batch.psd_loss and LossDerivatives.can_clamp(y)
         loss = LossDerivatives(batch.loss_fn, y, psd=psd, upcast=plan.loss_scale is not None)
         j_loss = loss.grad.detach()
         h_jz = loss.hvp(jz)
-    with record_function(PHASES[2]):
+    with phase(2):
         keep = plan.inner_steps > 1 or plan.inverse is not None  # more backward passes follow
         dz = backward(engine, y, h_jz + j_loss, layout, plan, batch, keep_graph=keep)
     products = Products(y, loss, dz, jz, h_jz)
@@ -225,7 +234,7 @@ def compute(engine: JacobianEngine, batch: Batch, layout: Layout, plan: Plan) ->
         products.raw = [t.clone() for t in dz]
         torch._foreach_copy_(dz, layout.curvature_inverse.apply(dz, products.damping))
     if plan.refresh:
-        with record_function(PHASES[3]):
+        with phase(3):
             products.set_direction(*directional(engine, layout, plan, batch.warn, y.shape, dz))
     return products
 

@@ -18,12 +18,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch.profiler import record_function
 
 from curveball import _damping
 from curveball._curvature.engine import JacobianEngine
 from curveball._distributed import Averager
-from curveball._products import PHASES
+from curveball._products import phase
 from curveball._rollback import Rollback, reject
 from curveball._state import CurveBallState
 from curveball._step_info import StepInfo
@@ -125,9 +124,9 @@ def trial_update(
     """
     sizes = state.sizes
     rollback.keep_point()
-    with record_function(PHASES[5]):
+    with phase(5):
         update()
-    with record_function(PHASES[6]):
+    with phase(6):
         value, dtype = trial()
     verdict = judge(info, value, dtype, hyper) if math.isfinite(value) else None
     if hyper.get("line_search") and (verdict is None or verdict.rejected):
