@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.func import hessian, jacrev
 
-from curveball import FULL_BATCH_DEFAULTS, CurveBall, PointwiseResidual, Term
+from curveball import FULL_BATCH_DEFAULTS, CurveBall, PointwiseResidual, Term, _products
 from curveball._curvature import jacobian_matrix
 from curveball._hyperparameters import EXACT_DAMPING
 
@@ -250,24 +250,52 @@ def test_the_exact_solver_refuses_a_curvature_mini_batch():
         CurveBall(network(), solver="exact", curvature_fraction=0.5)
 
 
+@pytest.mark.parametrize("precondition", ["auto", "nystrom"])
 @pytest.mark.parametrize("limit", [None, 1])
-def test_products_from_the_jacobian_give_the_step_of_products_from_passes(monkeypatch, limit):
-    """Ten preconditioned conjugate iterations (``solver="conjugate"``): with the products
-    J t and Jᵀ u from the residual's Jacobian (engine ``"jacobian"``), and with them from
-    passes through the model (the batched residual; or the pointwise one over a
-    ``MATRIX_LIMIT`` it exceeds): the same step."""
+def test_products_from_the_jacobian_give_the_step_of_products_from_passes(
+    monkeypatch, limit, precondition
+):
+    """Ten preconditioned conjugate iterations (``solver="conjugate"``; preconditioned by the
+    dense Gauss-Newton matrix, or by its Nyström sketch, ``Jᵀ H_L (J Ω)`` at once from ``J``):
+    with the products J t and Jᵀ u from the residual's Jacobian (engine ``"jacobian"``),
+    and with them from passes through the model (the batched residual; or the pointwise
+    one over a ``MATRIX_LIMIT`` it exceeds): the same step."""
     if limit is not None:
         monkeypatch.setattr(jacobian_matrix, "MATRIX_LIMIT", limit)
     first, second = network(), network()
     jac = poisson_pointwise(first).jacobian(list(first.parameters()))
     before = torch.cat([p.detach().reshape(-1) for p in first.parameters()])
-    settings = {**FULL_BATCH_DEFAULTS, "solver": "conjugate", "forward_mode": "auto"}
+    settings = {**FULL_BATCH_DEFAULTS, "solver": "conjugate", "forward_mode": "auto",
+                "precondition": precondition, "precondition_rank": 16}  # fmt: skip
     moves, engines = [], []
     for model, model_fn in ((first, lambda: poisson_batched(first)),
                             (second, poisson_pointwise(second))):  # fmt: skip
         opt = CurveBall(model, **settings)
+        torch.manual_seed(0)  # the same sketch Ω
         opt.step(model_fn, half_squared_norm)
         engines.append(opt.last.engine)
         moves.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - before)
     assert engines == ["forward", "jacobian" if limit is None else "forward"]
     torch.testing.assert_close(jac @ moves[0], jac @ moves[1], rtol=1e-7, atol=1e-12)
+
+
+def test_the_sketch_from_the_jacobian_is_the_gauss_newton_matrix_times_omega(monkeypatch):
+    """With ``J`` at hand, the Nyström sketch is ``Jᵀ H_L (J Ω)`` in two matrix products:
+    for ½‖r‖² (``H_L = I``) the dense ``JᵀJ Ω``."""
+    model = network()
+    jac = poisson_pointwise(model).jacobian(list(model.parameters()))
+    sketches, sketch = [], _products.sketch
+
+    def recorded(*args, **kwargs):
+        out = sketch(*args, **kwargs)
+        sketches.append((out, kwargs.get("columns_product") is not None))
+        return out
+
+    monkeypatch.setattr(_products, "sketch", recorded, raising=True)
+    settings = {**FULL_BATCH_DEFAULTS, "solver": "conjugate", "precondition": "nystrom"}
+    opt = CurveBall(model, **settings, precondition_rank=8)
+    opt.step(poisson_pointwise(model), half_squared_norm)
+    assert opt.last.engine == "jacobian"
+    ((omega, images), batched), *_ = sketches
+    assert batched and omega.shape == (jac.shape[1], 8)
+    torch.testing.assert_close(images, jac.T @ (jac @ omega), rtol=1e-10, atol=1e-12)

@@ -92,10 +92,7 @@ def gauss_newton(
             f"model_fn.jacobian: expected a {expected[0]} × {expected[1]} Jacobian (the "
             f"predictions × the parameters), got {tuple(jac.shape)}"
         )
-    h_jac = torch.stack(
-        [loss.hvp(c.view(shape).to(loss.predictions.dtype)).reshape(-1).double() for c in jac.T],
-        dim=1,
-    )
+    h_jac = loss.hvp_columns(jac).double()
     g = 0.5 * (jac.T @ h_jac + h_jac.T @ jac)
     return g, jac.T @ loss.grad.detach().reshape(-1).double()
 

@@ -47,14 +47,19 @@ def sketch(
     like: Sequence[torch.Tensor],
     rank: int,
     generator: torch.Generator | None = None,
+    columns_product: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Ω, G Ω)`` (float64, ``D × s``) for ``s = min(rank, D)`` Gaussian columns, with
-    ``product`` the Gauss-Newton-vector product on parameter-shaped lists."""
+    ``product`` the Gauss-Newton-vector product on parameter-shaped lists, one column at a
+    time, or ``columns_product`` (``Ω ↦ G Ω`` on the ``D × s`` matrix, all columns at once:
+    where ``J`` is at hand, ``Jᵀ H_L (J Ω)`` is two matrix products)."""
     size = sum(real_view(v).numel() for v in like)
     columns = min(rank, size)
     omega = torch.randn(size, columns, dtype=torch.float64, generator=generator)
     omega = torch.linalg.qr(omega).Q  # orthonormal columns: a better conditioned ΩᵀY
     device_omega = omega.to(like[0].device)
+    if columns_product is not None:
+        return device_omega, columns_product(device_omega).double()
     images = [_flat(product(_shaped(device_omega[:, j], like))) for j in range(columns)]
     return device_omega, torch.stack(images, dim=1)
 

@@ -258,7 +258,12 @@ def curvature_inverse(
     def product(v: list[torch.Tensor]) -> list[torch.Tensor]:
         return engine.vjp(loss.hvp(engine.jvp(v)), keep_graph=True)
 
-    omega, images = sketch(product, layout.params, plan.rank)
+    columns_product = None
+    if isinstance(engine, JacobianMatrixEngine):  # J is at hand: Jᵀ H_L (J Ω) at once
+        jac = engine.matrix
+        assert jac is not None
+        columns_product = lambda omega: jac.T @ loss.hvp_columns(jac @ omega)  # noqa: E731
+    omega, images = sketch(product, layout.params, plan.rank, columns_product=columns_product)
     batch.averager.mean_([images])
     return NystromInverse(omega, images)
 

@@ -9,7 +9,10 @@ import torch.nn.functional as F
 from cases import CLASSES, LOSSES
 from torch.func import grad, hessian
 
+from curveball._curvature import loss_derivatives
 from curveball._curvature.loss_derivatives import LossDerivatives
+from curveball.losses import ClosedFormLoss, mse_loss
+from curveball.losses import cross_entropy as closed_cross_entropy
 
 
 def test_gradient_and_hessian_products_match_dense(loss_name):
@@ -67,3 +70,62 @@ def test_psd_products_use_the_clamped_per_sample_blocks_of_the_dense_hessian(mak
         torch.testing.assert_close(got, exact, rtol=1e-10, atol=1e-12)
     else:
         assert values.min() < 0.0  # the oracle really had something to clamp
+
+
+def closed_mse(targets: torch.Tensor) -> ClosedFormLoss:
+    return mse_loss(F.one_hot(targets, CLASSES).double())
+
+
+CLOSED = {"cross_entropy": closed_cross_entropy, "mse": closed_mse}
+
+
+def _columns_case(seed: int = 0, columns: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(6, CLASSES, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, CLASSES, (6,), generator=g)
+    matrix = torch.randn(y.numel(), columns, generator=g, dtype=torch.float64)
+    return y, targets, matrix
+
+
+@pytest.mark.parametrize(
+    ("name", "closed"), [(n, False) for n in sorted(LOSSES)] + [(n, True) for n in sorted(CLOSED)]
+)
+def test_hessian_columns_equal_the_dense_hessian_times_the_matrix(name, closed):
+    y, targets, matrix = _columns_case()
+    loss_fn = (CLOSED if closed else LOSSES)[name](targets)
+    d = LossDerivatives(loss_fn, y)
+    assert closed == (d._closed is not None)
+    dense = hessian(LOSSES[name](targets))(y).reshape(y.numel(), y.numel())
+    torch.testing.assert_close(d.hvp_columns(matrix), dense @ matrix, rtol=1e-12, atol=1e-14)
+
+
+def test_hessian_columns_of_the_clamped_blocks_and_in_chunks(monkeypatch):
+    y, targets, matrix = _columns_case(seed=1, columns=9)
+    d = LossDerivatives(one_minus_p_correct(targets), y, psd=True)
+    one_by_one = torch.stack([d.hvp(c.view(y.shape)).reshape(-1) for c in matrix.T], dim=1)
+    monkeypatch.setattr(loss_derivatives, "COLUMN_CHUNK", 2 * y.numel())  # 2 columns a batch
+    torch.testing.assert_close(d.hvp_columns(matrix), one_by_one, rtol=1e-12, atol=1e-14)
+
+
+def test_hessian_columns_go_one_by_one_with_a_warning_where_vmap_fails(monkeypatch):
+    y, targets, matrix = _columns_case(seed=2)
+    d = LossDerivatives(LOSSES["log_cosh"](targets), y)
+    expected = d.hvp_columns(matrix)
+    grad = torch.autograd.grad
+
+    def unbatchable(*args, is_grads_batched=False, **kwargs):
+        if is_grads_batched:
+            raise RuntimeError("Batching rule not implemented for aten::something")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", unbatchable)
+    with pytest.warns(RuntimeWarning, match="could not be batched.*aten::something"):
+        torch.testing.assert_close(d.hvp_columns(matrix), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_hessian_columns_of_a_loss_that_ignores_the_predictions_are_zero():
+    y, _, matrix = _columns_case()
+    d = LossDerivatives(lambda out: torch.tensor(2.0), y)
+    assert torch.equal(d.hvp_columns(matrix), torch.zeros_like(matrix))
+    with pytest.raises(ValueError, match="expected 18 rows"):
+        d.hvp_columns(matrix[:5])

@@ -29,6 +29,7 @@ semi-definite, so ``psd`` does not apply.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -38,6 +39,18 @@ from curveball.losses import ClosedFormLoss, Hvp
 
 MAX_CLAMPED_OUTPUTS = 256
 """The largest number of predictions per sample for which ``psd=True`` is offered."""
+
+COLUMN_CHUNK = 1 << 22
+""":meth:`LossDerivatives.hvp_columns` multiplies this many entries (columns × predictions)
+per batched product at most, bounding its memory."""
+
+UNBATCHED = (
+    "CurveBall: the products of the loss's Hessian could not be batched ({error}); forming "
+    "the dense Gauss-Newton matrix takes one backward pass of the loss per column of J. "
+    "A loss from curveball.losses, or one written with operations that torch.vmap supports, "
+    "batches them"
+)
+"""The warning when :meth:`LossDerivatives.hvp_columns` goes column by column."""
 
 
 class LossDerivatives:
@@ -140,6 +153,55 @@ class LossDerivatives:
             self.grad, self.predictions, vector, retain_graph=True, allow_unused=True
         )
         return torch.zeros_like(vector) if out is None else out
+
+    def hvp_columns(self, matrix: torch.Tensor) -> torch.Tensor:
+        """``H_L M`` for the columns of ``M`` (predictions × ``k``, each column a tangent of
+        the predictions flattened), as one batched product per chunk of columns rather
+        than ``k`` products: the dense Gauss-Newton matrix ``Jᵀ H_L J`` needs it for all
+        ``D`` columns of ``J``. Returned in ``M``'s dtype.
+
+        An autograd loss runs ``torch.autograd.grad(..., is_grads_batched=True)`` (the
+        backward pass under ``torch.vmap``); where one of its operations has no batching
+        rule, the columns go one by one, with a warning.
+        """
+        shape = self.predictions.shape
+        rows, count = matrix.shape
+        if rows != shape.numel():
+            raise ValueError(
+                f"hvp_columns: expected {shape.numel()} rows (the predictions), got {rows}"
+            )
+        dtype = self.predictions.dtype  # float32 at least where upcast
+        if self._linear or count == 0:
+            return torch.zeros_like(matrix)
+        width = max(1, COLUMN_CHUNK // max(rows, 1))
+        out = []
+        for start in range(0, count, width):
+            block = matrix[:, start : start + width].T.to(dtype).reshape(-1, *shape)
+            out.append(self._batched(block).reshape(block.shape[0], -1).T.to(matrix.dtype))
+        return torch.cat(out, dim=1)
+
+    def _batched(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``H_L v`` for each ``v`` along the first dimension of ``vectors``."""
+        if self._closed is not None:
+            return torch.vmap(self._closed)(vectors)
+        if self._blocks is not None:
+            batch = vectors.shape[0]
+            flat = vectors.reshape(batch, self._blocks.shape[0], -1).permute(1, 2, 0)
+            return (self._blocks @ flat).permute(2, 0, 1).reshape(vectors.shape)
+        try:
+            (out,) = torch.autograd.grad(
+                self.grad,
+                self.predictions,
+                vectors,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        except RuntimeError as error:
+            message = UNBATCHED.format(error=str(error).splitlines()[0])
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            return torch.stack([self.hvp(v) for v in vectors])
+        return torch.zeros_like(vectors) if out is None else out
 
     def release(self) -> None:
         """Free the loss graph."""
