@@ -13,6 +13,7 @@ from torch import nn
 from torch.func import hessian, jacrev
 
 from curveball import FULL_BATCH_DEFAULTS, CurveBall, PointwiseResidual, Term, _products
+from curveball import pointwise as pointwise_module
 from curveball._curvature import jacobian_matrix
 from curveball._hyperparameters import EXACT_DAMPING
 
@@ -113,10 +114,14 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("points_per_pass", [None, 3])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_values_and_jacobian_equal_the_batched_residual(name):
+def test_values_and_jacobian_equal_the_batched_residual(monkeypatch, name, points_per_pass):
     build, pointwise, batched = CASES[name]
     model = build()
+    if points_per_pass is not None:  # the per-point passes in batches of 3 points
+        size = sum(p.numel() for p in model.parameters())
+        monkeypatch.setattr(pointwise_module, "JACOBIAN_CHUNK", points_per_pass * size)
     residual = pointwise(model)
     torch.testing.assert_close(residual(), batched(model), rtol=0, atol=1e-12)
     jac = residual.jacobian(list(model.parameters()))
