@@ -64,9 +64,10 @@ def test_a_checkpoint_of_release_0_2_0_resumes_exactly():
     assert opt.steps == 4 and all("dz_square_average" in s for s in opt.state.values())
     for x, t in saved["batches"]:
         opt.step(lambda x=x: model(x), closed_form_cross_entropy(t))
+    # To rounding: the last bits of a matrix product depend on the CPU's kernels.
     for name, value in model.state_dict().items():
-        assert torch.equal(value, saved["expected_model"][name])  # to the last bit
-    assert opt.lambd == saved["expected_lambd"]
+        torch.testing.assert_close(value, saved["expected_model"][name], rtol=1e-13, atol=1e-15)
+    assert opt.lambd == pytest.approx(saved["expected_lambd"], rel=1e-13)
 
 
 def test_every_hyper_parameter_is_in_the_param_groups_and_the_state_dict():
