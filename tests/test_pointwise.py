@@ -140,6 +140,52 @@ def test_the_jacobian_of_some_parameters_is_their_columns_in_their_order():
                                torch.cat([columns[2], columns[0]], dim=1))  # fmt: skip
 
 
+@pytest.mark.parametrize("points_per_pass", [None, 3])
+def test_terms_of_different_widths_stack_their_rows_in_order(monkeypatch, points_per_pass):
+    model = network(outputs=2)
+    if points_per_pass is not None:
+        size = sum(p.numel() for p in model.parameters())
+        monkeypatch.setattr(pointwise_module, "JACOBIAN_CHUNK", points_per_pass * size)
+    values = Term(lambda u, x: u(x)[0] - forcing(x), BOUNDARY, 0.5)  # one entry a point
+    sobolev = sobolev_pointwise(model).terms[0]  # six entries a point
+    params = list(model.parameters())
+    parts = [PointwiseResidual(model, [t]).linearize(params) for t in (sobolev, values)]
+    r, jac = PointwiseResidual(model, [sobolev, values]).linearize(params)
+    assert jac.shape == (len(INTERIOR) * 6 + len(BOUNDARY), sum(p.numel() for p in params))
+    torch.testing.assert_close(r, torch.cat([parts[0][0], parts[1][0]]), rtol=0, atol=0)
+    torch.testing.assert_close(jac, torch.cat([parts[0][1], parts[1][1]]), rtol=0, atol=0)
+
+
+def test_the_jacobian_is_written_into_scratch_memory_that_is_large_enough():
+    model = network()
+    residual, params = poisson_pointwise(model), list(model.parameters())
+    expected = batched_jacobian(model, poisson_batched)
+    scratch = torch.full((expected.numel() + 7,), math.nan, dtype=torch.float64)
+    _, jac = residual.linearize(params, out=scratch)
+    assert jac.data_ptr() == scratch.data_ptr()
+    torch.testing.assert_close(jac, expected, rtol=0, atol=1e-10)
+    for unusable in (scratch[:5], scratch.float()):  # too small, or not float64: fresh memory
+        _, jac = residual.linearize(params, out=unusable)
+        assert jac.data_ptr() != unusable.data_ptr()
+        torch.testing.assert_close(jac, expected, rtol=0, atol=1e-10)
+
+
+def test_the_engine_reuses_the_memory_of_the_last_jacobian():
+    model = network()
+    opt = CurveBall(model, **FULL_BATCH_DEFAULTS)
+    engine = jacobian_matrix.JacobianMatrixEngine(list(model.parameters()))
+    zeros = [torch.zeros_like(p) for p in model.parameters()]
+    engine.linearize(poisson_pointwise(model), zeros)
+    first = engine.matrix.data_ptr()
+    engine.finish()
+    assert engine.matrix is None
+    opt.param_groups[0]["params"][0].data.add_(0.1)  # a new point: a new J, same memory
+    engine.linearize(poisson_pointwise(model), zeros)
+    assert engine.matrix.data_ptr() == first
+    expected = batched_jacobian(model, poisson_batched)
+    torch.testing.assert_close(engine.matrix, expected, rtol=0, atol=1e-10)
+
+
 def half_squared_norm(r: torch.Tensor) -> torch.Tensor:
     return 0.5 * r.square().sum()
 

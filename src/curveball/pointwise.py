@@ -39,6 +39,7 @@ the boundary::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -51,7 +52,9 @@ JACOBIAN_CHUNK = 1 << 22
 ``JACOBIAN_CHUNK // D`` points (``D`` parameters), all at once where a term has fewer: a
 smaller working set for a large network (on the PINN race's 10,065-parameter network, 416
 points a batch make a step about a fifth cheaper than one batch of its 3,500 points; see
-the changelog), a single batch for networks of a few hundred parameters."""
+the changelog), a single batch for networks of a few hundred parameters. Each batch writes
+its rows, scaled, straight into ``J``, allocated once (and kept from step to step by the
+engine, see the changelog) rather than concatenated from copies."""
 
 PointFunction = Callable[[torch.Tensor], torch.Tensor]
 """The network at one point: ``u(x)`` for ``x`` of the shape of one row of a term's points."""
@@ -117,8 +120,18 @@ class PointwiseResidual:
         """
         return self.linearize(params)[1]
 
-    def linearize(self, params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(r, J)``: the residuals (detached) and :meth:`jacobian`, from the same passes."""
+    def linearize(
+        self, params: Sequence[torch.Tensor], out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(r, J)``: the residuals (detached) and :meth:`jacobian`, from the same passes.
+
+        Args:
+            params: the parameters (columns of ``J``), as for :meth:`jacobian`.
+            out: scratch memory for ``J``, reused where it is a float64 tensor on the
+                parameters' device with at least as many entries (``J`` is then a view
+                of it): a step that forms ``J`` anew in fresh memory pays for the pages
+                of a matrix of hundreds of megabytes being mapped, every step.
+        """
         names = _names(self.model, params)
         primals = tuple(p.detach() for p in params)
 
@@ -133,18 +146,40 @@ class PointwiseResidual:
 
         size = sum(p.numel() for p in primals)
         chunk = max(1, JACOBIAN_CHUNK // max(size, 1))  # points per batched pass
-        blocks, parts = [], []
-        for term in self.terms:
-            batched = chunk if chunk < len(term.points) else None
-            per_point = vmap(
-                jacrev(point, has_aux=True), in_dims=(None, 0, None), chunk_size=batched
-            )
-            rows, values = per_point(primals, term.points, term.fn)  # rows: (N, m, *shape) each
-            count, width = values.shape
-            flat = torch.cat([r.reshape(count * width, -1) for r in rows], dim=1)
-            blocks.append(flat.double() * term.scale)
-            parts.append(values.reshape(-1).detach() * term.scale)
-        return torch.cat(parts), torch.cat(blocks)
+        per_point = vmap(jacrev(point, has_aux=True), in_dims=(None, 0, None))
+        # The first batch of every term gives the term's residual width, so that J is
+        # allocated once and every batch writes its rows into it: no copy of J.
+        firsts = [per_point(primals, t.points[:chunk], t.fn) for t in self.terms]
+        widths = [values.shape[1] for _, values in firsts]
+        total = sum(len(t.points) * w for t, w in zip(self.terms, widths, strict=True))
+        if (
+            out is None
+            or out.dtype != torch.float64
+            or out.device != primals[0].device
+            or out.numel() < total * size
+        ):
+            out = primals[0].new_empty(total * size, dtype=torch.float64)
+        out = out.reshape(-1)[: total * size].view(total, size)
+        dtype = functools.reduce(torch.promote_types, (values.dtype for _, values in firsts))
+        values_out = primals[0].new_empty(total, dtype=dtype)
+        row = 0
+        for term, first in zip(self.terms, firsts, strict=True):
+            for start in range(0, len(term.points), chunk):
+                rows, values = (
+                    first
+                    if start == 0
+                    else per_point(primals, term.points[start : start + chunk], term.fn)
+                )  # rows: (n, m, *shape) each
+                span = slice(row, row + values.numel())
+                column = 0
+                for block in rows:
+                    flat = block.detach().reshape(values.numel(), -1)
+                    width = flat.shape[1]
+                    torch.mul(flat, term.scale, out=out[span, column : column + width])
+                    column += width
+                torch.mul(values.reshape(-1).detach(), term.scale, out=values_out[span])
+                row = span.stop
+        return values_out, out
 
     def size(self) -> int:
         """The number of points (the residual has at least this many entries)."""

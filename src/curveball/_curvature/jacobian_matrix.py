@@ -40,6 +40,7 @@ class JacobianMatrixEngine(JacobianEngine):
     def __init__(self, params: Sequence[torch.Tensor]) -> None:
         super().__init__(params, None)
         self.matrix: torch.Tensor | None = None
+        self._storage: torch.Tensor | None = None  # J's memory, kept from step to step
         self._shape: torch.Size | None = None
         self._dtype: torch.dtype | None = None
 
@@ -49,7 +50,11 @@ class JacobianMatrixEngine(JacobianEngine):
         self.current_pass = "the Jacobian of the pointwise residual"
         self._model_fn = model_fn
         self._record_rng(before=True)
-        values, self.matrix = model_fn.linearize(self.params)  # type: ignore[attr-defined]
+        values, self.matrix = model_fn.linearize(  # type: ignore[attr-defined]
+            self.params, out=self._storage
+        )
+        base = self.matrix._base  # the whole buffer J is a view of, if it is one
+        self._storage = self.matrix if base is None else base
         self._record_rng(before=False)
         y = check_predictions(values)
         self._shape, self._dtype = y.shape, y.dtype
@@ -75,5 +80,6 @@ class JacobianMatrixEngine(JacobianEngine):
             return check_predictions(self._model_fn()).detach()
 
     def finish(self) -> None:
+        """Free what the step holds; ``J``'s memory stays for the next step's ``J``."""
         super().finish()
         self.matrix = None
