@@ -35,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import copy
 import math
@@ -270,16 +271,17 @@ def make_stepper(
     name: str, model: nn.Module, problem: Problem, args: Namespace, lr: float | None = None
 ) -> Stepper:
     """The contender ``name``'s step for ``model`` (raises :class:`Skipped` if it cannot run)."""
+    changes = dict(args.curveball_set)  # --curveball-set, on top of each CurveBall contender's
     if name == "curveball-full-batch":
-        return curveball_stepper(model, problem, preset("FULL_BATCH_DEFAULTS"))
+        return curveball_stepper(model, problem, {**preset("FULL_BATCH_DEFAULTS"), **changes})
     if name == "curveball":
-        return curveball_stepper(model, problem, {})
+        return curveball_stepper(model, problem, changes)
     if name == "curveball-exact":
-        return curveball_stepper(
-            model, problem, {**preset("FULL_BATCH_DEFAULTS"), **EXACT_GAUSS_NEWTON}
-        )
+        settings = {**preset("FULL_BATCH_DEFAULTS"), **EXACT_GAUSS_NEWTON, **changes}
+        return curveball_stepper(model, problem, settings)
     if name == "curveball-pointwise":
-        return curveball_stepper(model, problem, preset("FULL_BATCH_DEFAULTS"), pointwise=True)
+        settings = {**preset("FULL_BATCH_DEFAULTS"), **changes}
+        return curveball_stepper(model, problem, settings, pointwise=True)
     if name == "engd":
         _check_gramian_size(model, args.engd_max_gramian)
         return engd_stepper(model, problem, "gramian", args.engd_damping)
@@ -622,6 +624,9 @@ def markdown(results: list[dict], settings: dict) -> str:
             f"‖u − u*‖/‖u*‖ and absolute L2 (RMS of u − u*) on {r['eval_points']:,} uniform "
             "evaluation points. Published: absolute L2 of Dangel et al. (2024), see below."
         )
+        if settings.get("curveball_set"):
+            changes = ", ".join(f"`{k}={v!r}`" for k, v in settings["curveball_set"])
+            caption += f" CurveBall contenders with {changes}."
         lines = "\n".join(_table_row(row) for row in r["rows"])
         parts.append(
             f"{caption}\n\n{header}\n{lines}{_grid_line(r['adam_grid'])}{_published_line(r)}"
@@ -648,6 +653,18 @@ def plot(results: list[dict], folder: str) -> None:
 
 
 # ------------------------------------------------------------------------------ the CLI
+def setting(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` as ``(name, value)``: a Python literal (``10``, ``1e-3``, ``False``),
+    else the string itself (``auto``)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value
+
+
 def parse_args(argv: list[str] | None) -> Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -676,6 +693,15 @@ def parse_args(argv: list[str] | None) -> Namespace:
         type=int,
         default=4096,
         help="skip engd (the D × D Gramian) on nets with more parameters",
+    )
+    p.add_argument(
+        "--curveball-set",
+        nargs="+",
+        type=setting,
+        default=[],
+        metavar="NAME=VALUE",
+        help="constructor keywords over every CurveBall contender's settings (an ablation: "
+        "precondition_interval=10 precondition_rank=64); values are Python literals or strings",
     )
     p.add_argument("--hf-damping", type=float, default=1.0, help="Hessian-free's initial λ")
     p.add_argument("--hf-max-cg", type=int, default=250)

@@ -30,6 +30,8 @@ def test_the_names_are_the_constructors_hyperparameters():
      ("momentum", float("nan"), "None"), ("precondition", 1, "'gauss-newton'"),
      ("reject_uphill", None, "True or False"), ("precondition_decay", 1.0, r"\[0, 1\)"),
      ("precondition", "adam", "'gauss-newton'"), ("precondition_interval", 0, "integer >= 1"),
+     ("precondition_rank", "fast", "integer >= 1 or 'auto'"),
+     ("precondition_interval", 2.0, "integer >= 1 or 'auto'"), ("inner_steps", "auto", ">= 1,"),
      ("inner_steps", 1.5, "integer >= 1"), ("solver", "cg", "expected one of"),
      ("precondition_eps", 0.0, "> 0"), ("curvature_fraction", 0.0, r"\(0, 1\]"),
      ("curvature_fraction", True, r"\(0, 1\]")],

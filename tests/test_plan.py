@@ -61,3 +61,22 @@ def test_the_plan_carries_lambda_the_preconditioner_and_the_float16_scale():
     state = CurveBallState(lambd=1.0, loss_scale=128.0)
     assert plan(state, HYPER, [torch.zeros(2, dtype=torch.float16)]).loss_scale == 128.0
     assert plan(state, {**HYPER, "curvature_fraction": 0.25}, PARAMS).minibatch
+
+
+@pytest.mark.parametrize(
+    ("interval", "rank", "matrix", "new", "expected_rank"),
+    [("auto", "auto", True, list(range(1, 13)), 128), ("auto", "auto", False, [1, 11], 64),
+     (3, 32, True, [1, 4, 7, 10], 32), ("auto", 32, False, [1, 11], 32)],
+)  # fmt: skip
+def test_auto_forms_the_sketch_every_step_only_where_the_jacobian_is_a_matrix(
+    interval, rank, matrix, new, expected_rank
+):
+    hyper = {**HYPER, "precondition": "nystrom", "precondition_interval": interval,
+             "precondition_rank": rank}  # fmt: skip
+    state = CurveBallState(lambd=0.3)
+    steps = []
+    for step in range(12):
+        state.step = step
+        steps.append(plan(state, hyper, PARAMS, jacobian_given=matrix, matrix=matrix))
+    assert [p.step for p in steps if p.new_inverse] == new
+    assert {p.rank for p in steps} == {expected_rank}

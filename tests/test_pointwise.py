@@ -343,10 +343,39 @@ def test_the_sketch_from_the_jacobian_is_the_gauss_newton_matrix_times_omega(mon
         return out
 
     monkeypatch.setattr(_products, "sketch", recorded, raising=True)
-    settings = {**FULL_BATCH_DEFAULTS, "solver": "conjugate", "precondition": "nystrom"}
-    opt = CurveBall(model, **settings, precondition_rank=8)
+    settings = {**FULL_BATCH_DEFAULTS, "solver": "conjugate", "precondition": "nystrom",
+                "precondition_rank": 8}  # fmt: skip
+    opt = CurveBall(model, **settings)
     opt.step(poisson_pointwise(model), half_squared_norm)
     assert opt.last.engine == "jacobian"
     ((omega, images), batched), *_ = sketches
     assert batched and omega.shape == (jac.shape[1], 8)
     torch.testing.assert_close(images, jac.T @ (jac @ omega), rtol=1e-10, atol=1e-12)
+
+
+def test_the_preset_sketches_every_step_at_rank_128_only_where_the_jacobian_is_at_hand(
+    monkeypatch,
+):
+    """``precondition_interval`` and ``precondition_rank`` at ``"auto"`` (the preset's):
+    with ``J`` at hand a new rank-128 sketch at every step, with products from passes a
+    rank-64 one every ten steps (here on 161 parameters, so that both ranks are below D)."""
+    shapes, sketch = [], _products.sketch
+
+    def recorded(*args, **kwargs):
+        out = sketch(*args, **kwargs)
+        shapes.append(tuple(out[0].shape))
+        return out
+
+    monkeypatch.setattr(_products, "sketch", recorded, raising=True)
+    settings = {**FULL_BATCH_DEFAULTS, "solver": "conjugate", "precondition": "nystrom"}
+    assert settings["precondition_interval"] == settings["precondition_rank"] == "auto"
+    for pointwise, expected in ((True, [(161, 128)] * 3), (False, [(161, 64)])):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(2, 40), nn.Tanh(), nn.Linear(40, 1)).double()
+        opt = CurveBall(model, **settings)
+        shapes.clear()
+        for _ in range(3):
+            model_fn = poisson_pointwise(model) if pointwise else lambda m=model: poisson_batched(m)
+            opt.step(model_fn, half_squared_norm)
+        assert opt.last.engine == ("jacobian" if pointwise else "forward")
+        assert shapes == expected

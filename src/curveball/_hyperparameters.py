@@ -49,7 +49,8 @@ FULL_BATCH_DEFAULTS: dict[str, Any] = {
     "reject_uphill": True,
     "line_search": True,
     "precondition": "auto",
-    "precondition_interval": 10,
+    "precondition_interval": "auto",
+    "precondition_rank": "auto",
     "inner_steps": 10,
     "solver": "auto",
     "forward_mode": "fastest",
@@ -61,9 +62,11 @@ point by point, :class:`curveball.pointwise.PointwiseResidual`) and there are at
 parameters, every step solves its Gauss-Newton system exactly (``solver="exact"``, the step
 of energy natural gradient descent; :data:`EXACT_DAMPING`). Otherwise: ten
 conjugate-gradient iterations on each step's model (:mod:`curveball._inner_loop`),
-preconditioned by the dense Gauss-Newton matrix formed every ten steps up to 2,048
-parameters (:mod:`curveball._gauss_newton`), by its rank-64 Nyström sketch up to 131,072
-(:mod:`curveball._nystrom`) and by the diagonal beyond, with the Levenberg-Marquardt rule
+preconditioned by the dense Gauss-Newton matrix up to 2,048 parameters
+(:mod:`curveball._gauss_newton`), by its Nyström sketch up to 131,072
+(:mod:`curveball._nystrom`) and by the diagonal beyond, formed on the schedule of
+:data:`AUTO_SCHEDULE` (every step at rank 128 where the Jacobian is at hand, every ten
+steps at rank 64 where its products cost passes), with the Levenberg-Marquardt rule
 (λ × 2/3 or × 3/2, from 0.01, no floor). Both: a trust-region test at every step and a
 backtracking line search before a rejection; the faster of forward mode and double
 backward, measured."""
@@ -87,10 +90,20 @@ DENSE_LIMIT = 2048
 dense Gauss-Newton matrix: ``D`` forward-mode passes and a ``D × D`` eigendecomposition,
 repaid over ``precondition_interval`` steps."""
 
+AUTO_SCHEDULE: dict[bool, tuple[int, int]] = {True: (1, 128), False: (10, 64)}
+"""``(precondition_interval, precondition_rank)`` that ``"auto"`` takes, keyed by whether
+the step's products come from the Jacobian held as a matrix
+(:func:`curveball._curvature.jacobian_matrix.takes_matrix`). With ``J`` at hand, ``G`` or
+its sketch costs matrix products and no passes, so it is formed afresh at every step, and
+the sketch takes 128 products: on the PINN race's 10,065-parameter network, 150 s of the
+preset end at a relative L2 of 1.0e-3, against 6.6e-3 with a rank-64 sketch every ten steps,
+3.1e-3 with one every step, and 1.1e-3 with a rank-256 one every step (see the changelog).
+Without ``J``, each product is a pass over the batch, and the matrix is kept for ten steps."""
+
 NYSTROM_LIMIT = 131_072
 """The largest parameter count for which ``precondition="auto"`` sketches the Gauss-Newton
 matrix (:mod:`curveball._nystrom`): ``s`` products every ``precondition_interval`` steps and
-an ``s × D`` float64 sketch (64 MiB at ``s = 64``). Beyond it ``"auto"`` takes the
+an ``s × D`` float64 sketch (64 MiB at ``s = 64``, 128 MiB at 128). Beyond it ``"auto"`` takes the
 diagonal, whose cost stays one pass over the parameters. (On the PINN race's
 10,065-parameter network the sketch does better than the diagonal at equal time:
 ``docs/results/pinn-race.md``.)"""
@@ -127,11 +140,27 @@ def _finite_non_negative(h: dict[str, Any], names: Sequence[str]) -> None:
             raise ValueError(f"{name}: expected a finite value >= 0, got {value!r}")
 
 
-def _positive_integers(h: dict[str, Any], names: Sequence[str]) -> None:
+def _positive_integers(
+    h: dict[str, Any], names: Sequence[str], automatic: Sequence[str] = ()
+) -> None:
     for name in names:
         value = h[name]
+        if name in automatic and value == "auto":
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+            also = " or 'auto'" if name in automatic else ""
+            raise ValueError(f"{name}: expected an integer >= 1{also}, got {value!r}")
+
+
+def schedule(interval: int | str, rank: int | str, matrix: bool) -> tuple[int, int]:
+    """``(precondition_interval, precondition_rank)``, each ``"auto"`` replaced by its value
+    in :data:`AUTO_SCHEDULE` (``matrix``: the step's products come from ``J`` held as a
+    matrix)."""
+    auto_interval, auto_rank = AUTO_SCHEDULE[matrix]
+    return (
+        auto_interval if interval == "auto" else int(interval),
+        auto_rank if rank == "auto" else int(rank),
+    )
 
 
 def _booleans(h: dict[str, Any], names: Sequence[str]) -> None:
@@ -171,6 +200,7 @@ def check(h: dict[str, Any]) -> None:
             "precondition_interval",
             "precondition_rank",
         ),
+        automatic=("precondition_interval", "precondition_rank"),
     )
     if h["solver"] not in SOLVERS:
         raise ValueError(f"solver: expected one of {SOLVERS}, got {h['solver']!r}")

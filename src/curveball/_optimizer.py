@@ -101,8 +101,12 @@ class CurveBall(torch.optim.Optimizer):
             ``d = Δz``.
         precondition_decay: γ of that moving average, in [0, 1).
         precondition_eps: ε > 0.
-        precondition_interval: form the dense ``G`` (or its sketch) every this many steps.
-        precondition_rank: ``s``, the Nyström sketch's number of products.
+        precondition_interval: form the dense ``G`` (or its sketch) every this many steps;
+            ``"auto"``: every step where the products come from a
+            :class:`~curveball.pointwise.PointwiseResidual`'s Jacobian held as a matrix,
+            every ten steps otherwise.
+        precondition_rank: ``s``, the Nyström sketch's number of products; ``"auto"``: 128
+            where the Jacobian is held as a matrix, 64 otherwise.
         reject_uphill: a trust-region test that finds the loss on the step's own batch
             risen (r < 0, beyond rounding) rejects the step: parameters and buffers
             back, ``z`` restarted from zero, λ doubled (:mod:`curveball._rollback`);
@@ -167,8 +171,8 @@ class CurveBall(torch.optim.Optimizer):
         precondition: bool = True,
         precondition_decay: float = 0.999,
         precondition_eps: float = 1e-8,
-        precondition_interval: int = 1,
-        precondition_rank: int = 64,
+        precondition_interval: int | str = 1,
+        precondition_rank: int | str = 64,
         reject_uphill: bool = True,
         curvature_fraction: float = 1.0,
         inner_steps: int = 1,
@@ -267,7 +271,8 @@ class CurveBall(torch.optim.Optimizer):
         batch = Batch.of(model_fn, loss_fn, groups, state.psd_loss, self.averager, self._warn_once)
         layout = self._prepare()
         given = isinstance(model_fn, PointwiseResidual)
-        plan = _plan.plan(state, hyper, layout.params, jacobian_given=given)
+        matrix = given and takes_matrix(model_fn, layout.params)
+        plan = _plan.plan(state, hyper, layout.params, jacobian_given=given, matrix=matrix)
         lambd = state.lambd
         rollback = Rollback(layout)
         engines = layout.engines
@@ -275,7 +280,7 @@ class CurveBall(torch.optim.Optimizer):
             products, info = engines.run(
                 lambda engine: self._solve(engine, batch, layout, plan, hyper),
                 rollback.buffers,
-                matrix=given and takes_matrix(model_fn, layout.params),
+                matrix=matrix,
             )
             if info.skipped:
                 info = self._skip(info, rollback, hyper)

@@ -69,10 +69,14 @@ def plan(
     hyper: dict[str, Any],
     params: list[torch.Tensor],
     jacobian_given: bool = False,
+    matrix: bool = False,
 ) -> Plan:
     """The plan of the step after ``state.step`` steps, with the global hyper-parameters
     (``jacobian_given``: the model function brings its Jacobian, which ``solver="auto"``
-    takes as the sign that the exact solve is cheap).
+    takes as the sign that the exact solve is cheap; ``matrix``: the step's products come
+    from that Jacobian held as a matrix, which ``"auto"`` in ``precondition_interval`` and
+    ``precondition_rank`` takes as the sign that forming ``G`` or its sketch is cheap, see
+    :data:`~curveball._hyperparameters.AUTO_SCHEDULE`).
 
     ``solver="exact"`` forms the dense Gauss-Newton matrix at every step and solves with
     the fixed damping :data:`~curveball._hyperparameters.EXACT_DAMPING`: one iteration with
@@ -91,7 +95,9 @@ def plan(
     if kind == "diagonal":
         precondition = (hyper["precondition_decay"], hyper["precondition_eps"])
     inverse = kind if kind in ("gauss-newton", "nystrom") else None
-    interval = hyper.get("precondition_interval", 1)
+    interval, rank = hyperparameters.schedule(
+        hyper.get("precondition_interval", 1), hyper.get("precondition_rank", 64), matrix
+    )
     exact = solver == "exact"
     if exact:
         precondition, inverse, interval = None, "gauss-newton", 1
@@ -107,5 +113,5 @@ def plan(
         solver=solver,
         inverse=inverse,
         new_inverse=inverse is not None and (step - 1) % interval == 0,
-        rank=hyper.get("precondition_rank", 64),
+        rank=rank,
     )
