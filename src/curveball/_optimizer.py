@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from curveball import _damping, _layout, _plan, _rollback
+from curveball import _damping, _layout, _plan, _rollback, _subnormal
 from curveball import _hyperparameters as hyperparameters
 from curveball import _inner_loop as inner_loop
 from curveball._curvature.engine import JacobianEngine
@@ -291,6 +291,9 @@ class CurveBall(torch.optim.Optimizer):
                     self._update(info, products, hyper)
             if products.averages is not None and not info.skipped:
                 _layout.adopt_averages(layout, self.state, products.averages)
+            if not info.skipped and _subnormal.due(plan.step):
+                eps = plan.precondition[1] if plan.precondition is not None else None
+                _subnormal.sweep_(layout.zs, layout.averages if eps else None, eps)
         except BaseException:
             # A user error or an interrupt mid-step: leave the module as it was.
             rollback.buffers()
