@@ -74,7 +74,7 @@ def test_the_sweep_runs_every_interval_steps():
 
 
 def dying_feature_run(steps: int) -> list[int]:
-    """A linear model whose first input feature is 1 for three steps and 0 from then on:
+    """A linear model whose first input feature is random for three steps and 0 from then on:
     the weights it feeds get no gradient, ``Δz = λ z`` along them, and ``z`` decays there
     geometrically, by ρ − βλ = 0.495 per step (fixed ρ, β and λ make the rate known).
     Returns the number of subnormal entries of ``z`` after each step."""

@@ -293,7 +293,7 @@ class CurveBall(torch.optim.Optimizer):
                 _layout.adopt_averages(layout, self.state, products.averages)
             if not info.skipped and _subnormal.due(plan.step):
                 eps = plan.precondition[1] if plan.precondition is not None else None
-                _subnormal.sweep_(layout.zs, layout.averages if eps else None, eps)
+                _subnormal.sweep_(layout.zs, layout.averages if eps is not None else None, eps)
         except BaseException:
             # A user error or an interrupt mid-step: leave the module as it was.
             rollback.buffers()

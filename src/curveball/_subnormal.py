@@ -1,16 +1,15 @@
 """Keeping the optimizer's state out of the subnormal range, where CPUs slow down.
 
-Along a direction in which the gradient vanishes on every batch (the weights of a
-ReLU unit that no input activates, of an input pixel that is zero in every image),
-``J`` maps the tangent to zero and the model's gradient is ``Δz = λ z``: the update
+Along a direction in which the gradient vanishes batch after batch (the weights of
+a ReLU unit that has stopped firing, of an input pixel that few images touch), ``J``
+maps the tangent to zero and the model's gradient is ``Δz = λ z``: the update
 ``z ← ρ z − β P λ z`` (Henriques et al., ICCV 2019, eq. 8) then shrinks that entry of
 ``z`` geometrically, by a constant factor per step, all the way down through the
 subnormal numbers to zero. On x86 CPUs without flush-to-zero, arithmetic with
-subnormal operands runs in microcode: a 128×512 by 512×512 float32 product whose
-right factor holds 20 % subnormal entries takes 180 times as long, and every
+subnormal operands runs in microcode, many times slower than on normal numbers, and every
 forward-mode pass multiplies ``z`` (or ``d = P Δz``, a multiple of it along such a
-direction) into the activations. A 784-512-512-10 ReLU network on a fixed batch
-went from 7.5 ms to 19 ms per step in this way.
+direction) into the activations. ``python -m benchmarks.subnormal`` measures what
+that costs a 784-512-512-10 ReLU network's step, with the sweep below and without.
 
 Every :data:`INTERVAL` steps the entries that no longer mean anything are set to
 zero, which is what a flush-to-zero CPU does to them anyway:
