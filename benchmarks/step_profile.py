@@ -3,7 +3,8 @@
 ``CurveBall.step`` labels its stages for ``torch.profiler``
 (:data:`curveball._products.PHASES`): the first forward-mode pass, the loss
 derivatives, the backward pass, the second forward-mode pass, the host read and
-2×2 solve, the update and the trust-region test's forward pass. This benchmark
+2×2 solve, the update, the trust-region test's forward pass, the preconditioner and
+(with ``inner_steps`` > 1, none at the defaults) the further inner iterations. This benchmark
 profiles ``--steps`` steps of CurveBall at its defaults on each task (after
 warm-up, with the closed-form cross-entropy) and prints, per task, the share of
 the step's CPU time spent in each stage, the rest (Python, the optimizer's
@@ -32,7 +33,7 @@ from curveball import CurveBall
 from curveball._products import PHASES
 
 STEP_KEY = "Optimizer.step#CurveBall.step"
-SHORT = ("pass 1", "loss", "backward", "pass 2", "scalars", "update", "test")
+SHORT = ("pass 1", "loss", "backward", "pass 2", "scalars", "update", "test", "precond.", "inner")
 
 
 def profile_task(

@@ -315,7 +315,10 @@ class CurveBall(torch.optim.Optimizer):
         solved = partial(self._decide, engine, batch=batch, layout=layout, plan=plan, hyper=hyper)
         info = solved(products)
         if plan.inner_steps > 1:
-            products, info = inner_loop.iterate(engine, products, info, solved, layout, plan, batch)
+            with phase(8):
+                products, info = inner_loop.iterate(
+                    engine, products, info, solved, layout, plan, batch
+                )
         products.loss.release()
         return products, info
 

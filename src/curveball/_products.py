@@ -47,6 +47,8 @@ PHASES = (
     "curveball: scalars and solve",
     "curveball: update",
     "curveball: trust-region test",
+    "curveball: preconditioner",
+    "curveball: inner iterations",
 )
 """The labels of a step's stages in ``torch.profiler`` traces, in the order they run."""
 
@@ -226,7 +228,26 @@ def compute(engine: JacobianEngine, batch: Batch, layout: Layout, plan: Plan) ->
         keep = plan.inner_steps > 1 or plan.inverse is not None  # more backward passes follow
         dz = backward(engine, y, h_jz + j_loss, layout, plan, batch, keep_graph=keep)
     products = Products(y, loss, dz, jz, h_jz)
-    if plan.precondition is not None:  # from here on, "Δz" is the direction d = P Δz
+    with phase(7):
+        _precondition(engine, layout, loss, plan, batch, products)
+    if plan.refresh:
+        with phase(3):
+            products.set_direction(*directional(engine, layout, plan, batch.warn, y.shape, dz))
+    return products
+
+
+def _precondition(
+    engine: JacobianEngine,
+    layout: Layout,
+    loss: LossDerivatives,
+    plan: Plan,
+    batch: Batch,
+    products: Products,
+) -> None:
+    """``products.dz`` becomes the direction ``d = P Δz`` of the step's preconditioner, if any
+    (the diagonal one, or the dense or Nyström inverse, formed on its schedule)."""
+    dz = products.dz
+    if plan.precondition is not None:
         assert layout.averages is not None
         products.averages, products.denominators = precondition_(
             dz, layout.averages, *plan.precondition, layout.workspace
@@ -237,10 +258,6 @@ def compute(engine: JacobianEngine, batch: Batch, layout: Layout, plan: Plan) ->
         products.damping = plan.lambd + min(batch.weight_decays)
         products.raw = [t.clone() for t in dz]
         torch._foreach_copy_(dz, layout.curvature_inverse.apply(dz, products.damping))
-    if plan.refresh:
-        with phase(3):
-            products.set_direction(*directional(engine, layout, plan, batch.warn, y.shape, dz))
-    return products
 
 
 def curvature_inverse(
