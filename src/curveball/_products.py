@@ -50,7 +50,9 @@ PHASES = (
     "curveball: preconditioner",
     "curveball: inner iterations",
 )
-"""The labels of a step's stages in ``torch.profiler`` traces, in the order they run."""
+"""The labels of a step's stages in ``torch.profiler`` traces: the first seven in the order
+they run, then the preconditioner (between the backward pass and the second pass) and the
+inner iterations after the first (which hold their own scalars and solves)."""
 
 
 _profiling: Callable[[], bool] = getattr(torch.autograd, "_profiler_enabled", lambda: True)
@@ -59,7 +61,7 @@ _profiling: Callable[[], bool] = getattr(torch.autograd, "_profiler_enabled", la
 
 def phase(index: int) -> AbstractContextManager[Any]:
     """The label ``PHASES[index]`` around a stage while a profiler records; nothing
-    otherwise (a label costs about 14 µs on a CPU, and a step has seven)."""
+    otherwise (a label costs about 14 µs on a CPU, and a step has seven to nine)."""
     if _profiling():
         return torch.profiler.record_function(PHASES[index])
     return nullcontext()
