@@ -51,11 +51,7 @@ def profile_task(
         for idx in order[warmup:]:
             step(x[idx], t[idx])
     events = {e.key: e for e in prof.key_averages()}
-    total = events[STEP_KEY].cpu_time_total / 1e3 / steps
-    stages = {
-        short: (events[label].cpu_time_total / 1e3 / steps if label in events else 0.0)
-        for short, label in zip(SHORT, PHASES, strict=True)
-    }
+    total, stages = stage_times(events, dict(zip(SHORT, PHASES, strict=True)), steps)
     operators = sorted(
         (e for e in events.values() if e.key.startswith("aten::")),
         key=lambda e: e.self_cpu_time_total,
@@ -69,6 +65,18 @@ def profile_task(
         "stages_ms": stages,
         "top_operators": top,
     }
+
+
+def stage_times(events: dict, labels: dict[str, str], steps: int) -> tuple[float, dict]:
+    """CPU milliseconds per step of the whole step and of each labelled stage (``labels``:
+    column to profiler label; 0 for a stage that did not run), from the profiler's
+    ``key_averages()`` by key."""
+    total = events[STEP_KEY].cpu_time_total / 1e3 / steps
+    stages = {
+        short: (events[label].cpu_time_total / 1e3 / steps if label in events else 0.0)
+        for short, label in labels.items()
+    }
+    return total, stages
 
 
 def markdown(rows: list[dict]) -> str:
